@@ -1,0 +1,1 @@
+"""Shared mechanisms used by every method: host compatibility, graph patches, tuning, deltas, artefacts."""

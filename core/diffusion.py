@@ -1,0 +1,74 @@
+"""The diffusion training objective on a ComfyUI MODEL (DDPM, Ho et al. 2020, Eq. 14; masked: HiFi Tuner Eq. 5).
+
+Written in ComfyUI's k-diffusion form (methods.md §0.3): a clean latent ``x0`` (model space, after
+``process_latent_in``) is noised to ``x = x0 + σ·ε`` at ``σ = σ(t)``, ``t ~ U{0..999}``; the model's
+``apply_model`` returns the denoised estimate ``D(x, σ)`` and ``ε̂ = (x − D)/σ``. For ε-prediction models this
+is exactly the model's ε output; v-prediction (SD2) and other parametrisations are converted by the host's
+``model_sampling``, so one loss serves every family.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.losses import masked_mse
+
+
+class DiffusionObjective:
+    """Noised-latent sampling and ε-loss for a loaded MODEL patcher.
+
+    ``latents`` are user-space LATENT samples ``[N, 4, h, w]``; ``masks`` are ``[N, 1, h, w]`` weights or None.
+    All randomness comes from ``generator`` (a CPU generator), so a seed reproduces a run on any device.
+    """
+
+    def __init__(self, model, latents: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator,
+                 pixel_size: tuple[int, int] | None = None):
+        self.model = model
+        self.base = model.model
+        self.device = model.load_device
+        self.x0 = self.base.process_latent_in(latents.float()).to(self.device)
+        self.masks = masks.to(self.device) if masks is not None else None
+        self.generator = generator
+        self.sigmas = self.base.model_sampling.sigmas.float().cpu()
+        h, w = latents.shape[-2:]
+        self.pixel_size = pixel_size or (w * 8, h * 8)
+        self.transformer_options = dict(model.model_options.get("transformer_options", {}))
+
+    def sample(self, batch_size: int, t: int | None = None):
+        """Pick images, timesteps and noise: returns ``(idx, sigma [B], noise [B,4,h,w])``."""
+        n = self.x0.shape[0]
+        idx = torch.randint(0, n, (batch_size,), generator=self.generator)
+        if t is None:
+            ts = torch.randint(0, len(self.sigmas), (batch_size,), generator=self.generator)
+        else:
+            ts = torch.full((batch_size,), int(t))
+        sigma = self.sigmas[ts]
+        noise = torch.randn((batch_size, *self.x0.shape[1:]), generator=self.generator)
+        return idx, sigma.to(self.device), noise.to(self.device)
+
+    def extra_conds(self, pooled: torch.Tensor | None, batch: int) -> dict:
+        """Model-specific extra inputs: SDXL's ADM vector (pooled text + size conditioning)."""
+        if getattr(self.base, "adm_channels", 0) and pooled is not None:
+            w, h = self.pixel_size
+            y = self.base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
+                                     target_width=w, target_height=h, device=self.device)
+            return {"y": y.to(self.device).expand(batch, -1)}
+        return {}
+
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, pooled=None) -> torch.Tensor:
+        """Denoised prediction ``D(x, σ)`` with text conditioning ``cond [B, 77k, d]``."""
+        cond = cond.to(self.device)
+        if cond.shape[0] != x.shape[0]:
+            cond = cond.expand(x.shape[0], -1, -1)
+        return self.base.apply_model(x, sigma, c_crossattn=cond,
+                                     transformer_options=dict(self.transformer_options),
+                                     **self.extra_conds(pooled, x.shape[0]))
+
+    def loss(self, cond: torch.Tensor, idx, sigma, noise, pooled=None, use_mask: bool = True):
+        """Masked ε-MSE for the sampled batch; returns ``(loss, denoised)``."""
+        x0 = self.x0[idx.to(self.device)]
+        s = sigma.view(-1, 1, 1, 1)
+        x = x0 + s * noise
+        denoised = self.predict(x, sigma, cond, pooled)
+        eps_hat = (x - denoised) / s
+        mask = self.masks[idx.to(self.device)] if (use_mask and self.masks is not None) else None
+        return masked_mse(eps_hat, noise, mask), denoised

@@ -1,0 +1,155 @@
+"""Thin, feature-detected access to the ComfyUI host.
+
+The pack supports ComfyUI from March 2024 (commit a28a9dc) to the current release. Everything that differs
+between them is resolved here by looking for the feature (``hasattr``/signatures), never by version numbers.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+log = logging.getLogger("comfyui_personalize")
+
+# model_config class name -> family. Families name what the pack's methods support.
+_FAMILY_BY_CONFIG = {
+    "SD15": "sd1",
+    "SD20": "sd2", "SD21UnclipL": "sd2-unclip", "SD21UnclipH": "sd2-unclip",
+    "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "KOALA_700M": "sdxl", "KOALA_1B": "sdxl",
+    "SDXLRefiner": "sdxl-refiner",
+}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+
+class PersonalizeError(ValueError):
+    """A user-facing error: says what is wrong and how to fix it. Raised before any work starts."""
+
+
+def model_family(model) -> str:
+    """Family of a MODEL (ModelPatcher): 'sd1', 'sd2', 'sdxl', or the model config's class name."""
+    config = getattr(model.model, "model_config", None)
+    name = type(config).__name__ if config is not None else type(model.model).__name__
+    return _FAMILY_BY_CONFIG.get(name, name)
+
+
+def clip_family(clip) -> str:
+    """Family of a CLIP object from the text encoders it holds."""
+    csm = clip.cond_stage_model
+    if hasattr(csm, "clip_g") and hasattr(csm, "clip_l"):
+        return "sdxl"
+    if hasattr(csm, "clip_g"):
+        return "sdxl-refiner"
+    if hasattr(csm, "clip_h"):
+        return "sd2"
+    if hasattr(csm, "clip_l"):
+        return "sd1"
+    return type(csm).__name__
+
+
+def require_family(node: str, model=None, clip=None, supported=("sd1", "sd2", "sdxl")) -> str:
+    """Check that MODEL (and CLIP) belong to a supported family and to the same one; return the family."""
+    fam_m = model_family(model) if model is not None else None
+    fam_c = clip_family(clip) if clip is not None else None
+    names = ", ".join(FAMILY_NAMES.get(s, s) for s in supported)
+    for fam, what in ((fam_m, "MODEL"), (fam_c, "CLIP")):
+        if fam is not None and fam not in supported:
+            raise PersonalizeError(
+                f"{node}: the {what} is a '{fam}' model, which this node does not support. "
+                f"Load an {names} checkpoint (for example with Load Checkpoint).")
+    if fam_m and fam_c and fam_m != fam_c:
+        raise PersonalizeError(
+            f"{node}: the MODEL is {FAMILY_NAMES.get(fam_m, fam_m)} but the CLIP is {FAMILY_NAMES.get(fam_c, fam_c)}. "
+            "Connect the MODEL and CLIP outputs of the same checkpoint loader.")
+    return fam_m or fam_c
+
+
+def model_sampling(model):
+    """The model_sampling object a sampler would use (object patches such as ModelSamplingDiscrete included)."""
+    if hasattr(model, "get_model_object"):
+        return model.get_model_object("model_sampling")
+    return model.object_patches.get("model_sampling", model.model.model_sampling)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts(func, name: str) -> bool:
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def load_for_compute(*patchers) -> None:
+    """Load and patch models on the compute device, fully (no low-VRAM partial load) where the host allows."""
+    if _accepts(mm.load_models_gpu, "force_full_load"):
+        mm.load_models_gpu(list(patchers), force_full_load=True)
+    else:
+        mm.load_models_gpu(list(patchers))
+
+
+def release(*patchers) -> None:
+    """Unpatch and forget the given patchers if they are loaded, so no patch of ours outlives the node."""
+    ids = {id(p) for p in patchers}
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        entry = mm.current_loaded_models[i]
+        if id(entry.model) in ids:
+            entry.model_unload()
+            mm.current_loaded_models.pop(i)
+
+
+def progress_bar(total: int, node_id=None):
+    if node_id is not None and _accepts(comfy.utils.ProgressBar.__init__, "node_id"):
+        return comfy.utils.ProgressBar(total, node_id=node_id)
+    return comfy.utils.ProgressBar(total)
+
+
+def check_interrupt() -> None:
+    mm.throw_exception_if_processing_interrupted()
+
+
+def compute_device() -> torch.device:
+    return mm.get_torch_device()
+
+
+def intermediate_device() -> torch.device:
+    return mm.intermediate_device()
+
+
+def encode_text(clip, text: str):
+    """Encode a prompt with a CLIP object: returns ``(cond [1, 77k, d], pooled or None)``. Portable."""
+    tokens = clip.tokenize(text)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return cond, pooled
+
+
+def make_conditioning(cond: torch.Tensor, pooled) -> list:
+    """A CONDITIONING list in the form stock CLIPTextEncode returns."""
+    extra = {"pooled_output": pooled} if pooled is not None else {}
+    return [[cond, extra]]
+
+
+def uninference(module: torch.nn.Module) -> int:
+    """Replace inference-mode parameters/buffers of ``module`` by normal tensors with the same values.
+
+    Loader nodes run under ``torch.inference_mode()``, so a checkpoint's weights are inference tensors and
+    autograd refuses to save them for backward (comfyui-host.md §6.2). Must be called with inference mode
+    off. The module is shared with other nodes; values are unchanged, so this is invisible to them.
+    Returns the number of tensors replaced.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("uninference() must run outside torch.inference_mode()")
+    n = 0
+    for m in module.modules():
+        for k, p in list(m._parameters.items()):
+            if p is not None and p.is_inference():
+                m._parameters[k] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                n += 1
+        for k, b in list(m._buffers.items()):
+            if b is not None and b.is_inference():
+                m._buffers[k] = b.clone()
+                n += 1
+    return n

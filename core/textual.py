@@ -1,0 +1,102 @@
+"""Trainable placeholder tokens (Textual Inversion, Gal et al. 2022, Eq. 2: ``v* = argmin E‖ε − ε_θ(z_t, t, c_θ(y))‖²``).
+
+A placeholder word (one ordinary vocabulary token such as ``sks``) gets its own input-embedding vector in
+every text encoder of the model (CLIP-L for SD1, CLIP-H for SD2, CLIP-L and CLIP-G for SDXL). The vector
+replaces the token's row by patching the token-embedding layer's forward on a CLIP *clone*
+(``torch.where(ids == placeholder, v, E[ids])``), which is differentiable in both hosts (comfyui-host.md §6.4).
+The same vectors saved as an embedding file load with the stock ``embedding:name`` syntax.
+"""
+from __future__ import annotations
+
+import torch
+
+from .graph_patches import override_forward
+from .host import PersonalizeError
+
+EMBEDDING_PATH = "transformer.text_model.embeddings.token_embedding"
+
+
+def encoder_keys(clip) -> list[str]:
+    """Tokenizer keys of a CLIP object ('l', 'g', 'h'), each matching the text encoder ``clip_<key>``."""
+    tokens = clip.tokenize("a")
+    return [k for k in tokens if hasattr(clip.cond_stage_model, f"clip_{k}")]
+
+
+def word_token_ids(clip, word: str) -> dict[str, list[int]]:
+    """Token ids of ``word`` in each encoder's tokenizer (start/end/padding removed)."""
+    out = {}
+    tokens = clip.tokenize(word)
+    for key in encoder_keys(clip):
+        sub = getattr(clip.tokenizer, f"clip_{key}")
+        special = {sub.start_token, sub.end_token, 0 if not getattr(sub, "pad_with_end", True) else sub.end_token}
+        ids = []
+        for tok, _w in tokens[key][0]:
+            if not isinstance(tok, int):
+                raise PersonalizeError(f"'{word}' contains an embedding reference; use a plain word.")
+            if tok == sub.end_token:
+                break
+            if tok not in special:
+                ids.append(int(tok))
+        out[key] = ids
+    return out
+
+
+def token_embedding(clip, key: str) -> torch.nn.Module:
+    module = getattr(clip.cond_stage_model, f"clip_{key}")
+    for part in EMBEDDING_PATH.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class PlaceholderEmbeddings(torch.nn.Module):
+    """One trainable vector per text encoder for a single-token placeholder word."""
+
+    def __init__(self, clip, placeholder: str, init_word: str):
+        super().__init__()
+        placeholder = placeholder.strip()
+        if not placeholder or " " in placeholder:
+            raise PersonalizeError(f"The placeholder must be one word without spaces (got '{placeholder}').")
+        ids = word_token_ids(clip, placeholder)
+        for key, toks in ids.items():
+            if len(toks) != 1:
+                raise PersonalizeError(
+                    f"The placeholder '{placeholder}' is {len(toks)} tokens for the text encoder clip_{key}; "
+                    "it must be exactly one. Choose a short rare word such as 'sks' or 'zwx'.")
+        init_ids = word_token_ids(clip, init_word)
+        if not all(init_ids.values()):
+            raise PersonalizeError(f"The init word '{init_word}' is empty; use the subject's class, e.g. 'dog'.")
+        self.word = placeholder
+        self.token_ids = {k: v[0] for k, v in ids.items()}
+        self.vectors = torch.nn.ParameterDict()
+        for key, toks in init_ids.items():
+            weight = token_embedding(clip, key).weight
+            init = weight[toks].detach().float().mean(0).clone()  # mean over the init word's tokens
+            self.vectors[key] = torch.nn.Parameter(init)
+
+    def attach(self, clip) -> None:
+        """Make ``clip`` (a clone) map the placeholder token to the vectors, through its patcher."""
+        for key, tid in self.token_ids.items():
+            vec = self.vectors[key]
+
+            def fn(base, ids, *args, _tid=tid, _vec=vec, **kwargs):
+                out = base(ids, *args, **kwargs)
+                hit = (ids == _tid).unsqueeze(-1)
+                return torch.where(hit, _vec.to(device=out.device, dtype=out.dtype), out)
+
+            override_forward(clip.patcher, f"clip_{key}.{EMBEDDING_PATH}", fn)
+
+    def frozen_copy(self) -> "PlaceholderEmbeddings":
+        """A detached copy for the output CLIP (no autograd state, safe to cache in the graph)."""
+        new = PlaceholderEmbeddings.__new__(PlaceholderEmbeddings)
+        torch.nn.Module.__init__(new)
+        new.word, new.token_ids = self.word, dict(self.token_ids)
+        new.vectors = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(v.detach().clone(), requires_grad=False) for k, v in self.vectors.items()})
+        return new
+
+    def embedding_file_tensors(self, family: str) -> dict:
+        """Tensors in the layout ComfyUI's ``embedding:`` loader (and A1111) reads."""
+        if family == "sdxl":
+            return {f"clip_{k}": v.detach().float().cpu().reshape(1, -1).contiguous() for k, v in self.vectors.items()}
+        (vec,) = self.vectors.values()
+        return {"emb_params": vec.detach().float().cpu().reshape(1, -1).contiguous()}

@@ -1,0 +1,44 @@
+"""Synthetic subject photos for tests and the demo (until the mini world provides real subjects)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEMO_FOLDER = "personalize_demo_subject"
+
+
+def subject_images(n: int = 3, size: int = 64, seed: int = 0):
+    """``n`` views of one subject (a striped disc at varying positions) on noisy backgrounds, with masks.
+    Returns IMAGE ``[n, size, size, 3]`` and MASK ``[n, size, size]`` (1 = subject)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images, masks = [], []
+    for i in range(n):
+        cx, cy = size / 2 + (i - n / 2) * 3, size / 2 + (i % 2) * 4
+        r = size * 0.28
+        m = (((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r).float()
+        bg = 0.3 + 0.2 * torch.rand(size, size, 3, generator=g)
+        stripes = ((xx + yy) // 4 % 2).float()
+        fg = torch.stack([0.9 * stripes + 0.05, torch.full_like(stripes, 0.2), 0.8 - 0.6 * stripes], -1)
+        images.append(m[..., None] * fg + (1 - m[..., None]) * bg)
+        masks.append(m)
+    return torch.stack(images).clamp(0, 1), torch.stack(masks)
+
+
+def save_png(array_hwc: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+    a = (array_hwc.clamp(0, 1).numpy() * 255).astype(np.uint8)
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
+
+
+def write_subject_folder(input_dir: Path, folder: str = DEMO_FOLDER, n: int = 3, size: int = 64) -> Path:
+    """Write ``subject_<i>.png`` + ``subject_<i>_mask.png`` into ``<input_dir>/<folder>``."""
+    images, masks = subject_images(n, size)
+    out = Path(input_dir) / folder
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        save_png(images[i], out / f"subject_{i + 1}.png")
+        save_png(masks[i][..., None], out / f"subject_{i + 1}_mask.png")
+    return out

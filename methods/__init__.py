@@ -1,0 +1,1 @@
+"""The methods' maths as plain functions on ComfyUI objects; node classes in ``nodes/`` call these."""

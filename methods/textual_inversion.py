@@ -1,0 +1,71 @@
+"""Textual Inversion (Gal et al., "An Image is Worth One Word", 2022), trained inside the graph.
+
+One input-embedding vector per text encoder for a placeholder word is optimised with the (optionally masked)
+diffusion loss, Eq. 2: ``v* = argmin_v E_{x,ε,t} ‖ε − ε_θ(x_t, t, c_θ("a photo of S*"))‖²``; the model is frozen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core import artifacts, host
+from ..core.diffusion import DiffusionObjective
+from ..core.textual import PlaceholderEmbeddings
+from ..core.tuning import TrainingSession, TuningConfig, TuningResult, run_loop, seeded_generator
+from .common import SubjectData, encode_subject
+
+NODE = "Train Subject Embedding"
+
+# Prompt templates of the original implementation's object set (a subset).
+TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}", "a good photo of a {}",
+)
+
+
+@dataclass
+class TextualInversionResult:
+    clip: object
+    embeddings: PlaceholderEmbeddings
+    path: Path
+    tuning: TuningResult
+
+
+def train_textual_inversion(model, clip, vae, images: torch.Tensor, *, placeholder: str, init_word: str,
+                            cfg: TuningConfig, embedding_name: str, masks: torch.Tensor | None = None,
+                            overwrite: bool = False, node_id=None) -> TextualInversionResult:
+    family = host.require_family(NODE, model, clip)
+    cfg.validate(NODE)
+    path = artifacts.target_path("embeddings", embedding_name)
+    artifacts.check_writable(path, overwrite)
+    emb = PlaceholderEmbeddings(clip, placeholder, init_word)
+    data: SubjectData = encode_subject(NODE, vae, images, masks)
+
+    with TrainingSession(model, clip, train_text=True, gradient_checkpointing=cfg.gradient_checkpointing) as s:
+        s.adopt(emb, s.clip.patcher.load_device)
+        emb.attach(s.clip)
+        s.load()
+        gen = seeded_generator(cfg.seed)
+        objective = DiffusionObjective(s.model, data.latents, data.latent_masks, gen)
+        tokens = [s.clip.tokenize(t.format(emb.word)) for t in TEMPLATES]
+
+        def step(_i):
+            tok = tokens[int(torch.randint(0, len(tokens), (1,), generator=gen))]
+            cond, pooled = s.clip.encode_from_tokens(tok, return_pooled=True)
+            idx, sigma, noise = objective.sample(cfg.batch_size)
+            return objective.loss(cond, idx, sigma, noise, pooled)
+
+        result = run_loop(NODE, list(emb.parameters()), step, cfg, device=s.device, node_id=node_id,
+                          preview_model=s.model)
+
+    trained = emb.frozen_copy()
+    artifacts.save_safetensors(
+        trained.embedding_file_tensors(family), path,
+        {"method": "textual_inversion", "family": family, "placeholder": trained.word, "init_word": init_word,
+         "steps": cfg.steps, "learning_rate": cfg.learning_rate, "final_loss": result.losses[-1]},
+        overwrite=overwrite)
+    out_clip = clip.clone()
+    trained.attach(out_clip)
+    return TextualInversionResult(out_clip, trained, path, result)

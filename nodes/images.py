@@ -1,0 +1,88 @@
+"""Loading a subject's reference photos (and masks) from a folder of ComfyUI's input directory."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..core.host import PersonalizeError
+from . import sockets as S
+
+_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _square(img, size: int):
+    from PIL import Image
+    if size <= 0:
+        return img
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def load_subject_folder(folder: str, size: int):
+    """Read ``<input>/<folder>``: photos, plus a mask per photo from ``<name>_mask.<ext>`` (white = subject) or
+    from the photo's alpha channel (opaque = subject, as background-removal tools write); else all ones."""
+    import folder_paths
+    from PIL import Image, ImageOps
+    base = os.path.realpath(folder_paths.get_input_directory())
+    path = os.path.realpath(os.path.join(base, folder))
+    if not path.startswith(base + os.sep) or not os.path.isdir(path):
+        raise PersonalizeError(f"No folder '{folder}' in ComfyUI's input directory ({base}). Put the subject photos there.")
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(_EXTS) and "_mask." not in f.lower())
+    if not files:
+        raise PersonalizeError(f"The folder '{folder}' has no images ({', '.join(_EXTS)}).")
+    images, masks = [], []
+    for f in files:
+        img = ImageOps.exif_transpose(Image.open(os.path.join(path, f)))
+        stem, _ = os.path.splitext(f)
+        mask_file = next((os.path.join(path, stem + "_mask" + e) for e in _EXTS
+                          if os.path.exists(os.path.join(path, stem + "_mask" + e))), None)
+        if mask_file:
+            mask = Image.open(mask_file).convert("L")
+        elif "A" in img.getbands():
+            mask = img.getchannel("A")
+        else:
+            mask = Image.new("L", img.size, 255)
+        if mask.size != img.size:
+            raise PersonalizeError(f"{os.path.basename(mask_file)} is {mask.size} but {f} is {img.size}; masks must match their photo.")
+        img, mask = _square(img.convert("RGB"), size), _square(mask, size)
+        images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0))
+        masks.append(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0))
+    if len({tuple(i.shape) for i in images}) != 1:
+        raise PersonalizeError(f"The photos in '{folder}' have different sizes; set size > 0 to crop them all to one square size.")
+    return torch.stack(images), torch.stack(masks)
+
+
+class LoadSubjectImages:
+    DESCRIPTION = ("Loads all photos of a subject from a folder in ComfyUI's input directory, centre-cropped to "
+                   "squares, with masks from <name>_mask.png files or the photos' alpha channel.")
+    CATEGORY = S.CATEGORY + "/utils"
+    FUNCTION = "load"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("images", "masks")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": ("STRING", {"default": "subject", "tooltip": "Folder inside ComfyUI's input directory."}),
+            "size": ("INT", {"default": 512, "min": 0, "max": 4096, "step": 8,
+                             "tooltip": "Square size to crop and resize to (0 = keep the photos' own size)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, folder, size):
+        import folder_paths
+        path = os.path.join(folder_paths.get_input_directory(), folder)
+        if not os.path.isdir(path):
+            return ""
+        return ";".join(f"{f}:{os.path.getmtime(os.path.join(path, f))}" for f in sorted(os.listdir(path)))
+
+    def load(self, folder, size):
+        return load_subject_folder(folder, size)
+
+
+NODE_CLASS_MAPPINGS = {"PersonalizeLoadSubjectImages": LoadSubjectImages}
+NODE_DISPLAY_NAME_MAPPINGS = {"PersonalizeLoadSubjectImages": "Load Subject Images (folder)"}

@@ -1,0 +1,136 @@
+"""Regenerate the UI-format workflows in workflows/ from compact graph descriptions.
+
+The files are what ComfyUI's "Save" writes (nodes, links, widgets_values in INPUT_TYPES order, a seed control
+value after seed widgets), so they load in the UI and in the test harness alike. Run after changing a node's
+inputs:  .venv/bin/python scripts/build_workflows.py   (boots the default host to read INPUT_TYPES)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEMO_CKPT = "personalize_test_sd15.safetensors"
+SUBJECT = "personalize_demo_subject"
+NEG = "blurry, low quality"
+
+# name -> (title, demo?, nodes); a node is (id, type, {input: value | (src_id, slot)}, title)
+GRAPHS = {
+    "textual_inversion": ("Train a subject embedding, then use it in a prompt", True, [
+        (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
+        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
+        (3, "PersonalizeTrainSubjectEmbedding", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
+                                                 "mask": (2, 1), "placeholder": "sks", "init_word": "object",
+                                                 "steps": 20, "learning_rate": 0.02, "batch_size": 1, "seed": 0,
+                                                 "embedding_name": "demo_subject", "overwrite": True,
+                                                 "gradient_checkpointing": False, "mixed_precision": "auto",
+                                                 "preview_every": 10}, None),
+        (4, "CLIPTextEncode", {"clip": (3, 0), "text": "a photo of sks on the beach"}, "Positive (uses sks)"),
+        (5, "CLIPTextEncode", {"clip": (1, 1), "text": NEG}, "Negative"),
+        (6, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
+        (7, "KSampler", {"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0),
+                         "seed": 42, "steps": 8, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                         "denoise": 1.0}, None),
+        (8, "VAEDecode", {"samples": (7, 0), "vae": (1, 2)}, None),
+        (9, "SaveImage", {"images": (8, 0), "filename_prefix": "personalize/textual_inversion"}, None),
+        (10, "PersonalizeLossGraph", {"loss": (3, 2), "width": 512, "height": 256}, None),
+        (11, "SaveImage", {"images": (10, 0), "filename_prefix": "personalize/textual_inversion_loss"}, None),
+    ]),
+    "dreambooth_lora": ("Train a subject LoRA (DreamBooth), then sample with the tuned model", True, [
+        (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
+        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
+        (3, "PersonalizeTrainSubjectLoRA", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
+                                            "mask": (2, 1), "instance_prompt": "a photo of sks object", "rank": 4,
+                                            "steps": 20, "learning_rate": 0.001, "batch_size": 1, "seed": 0,
+                                            "layers": "attention", "train_text_encoder": False,
+                                            "lora_name": "demo_subject_lora", "overwrite": True,
+                                            "gradient_checkpointing": False, "mixed_precision": "auto",
+                                            "preview_every": 10, "class_prompt": "", "prior_loss_weight": 1.0,
+                                            "alpha": 0.0}, None),
+        (4, "CLIPTextEncode", {"clip": (3, 1), "text": "a photo of sks object in the snow"}, "Positive"),
+        (5, "CLIPTextEncode", {"clip": (3, 1), "text": NEG}, "Negative"),
+        (6, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
+        (7, "KSampler", {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0),
+                         "seed": 42, "steps": 8, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                         "denoise": 1.0}, None),
+        (8, "VAEDecode", {"samples": (7, 0), "vae": (1, 2)}, None),
+        (9, "SaveImage", {"images": (8, 0), "filename_prefix": "personalize/dreambooth_lora"}, None),
+        (10, "SaveImage", {"images": (3, 4), "filename_prefix": "personalize/dreambooth_lora_previews"}, None),
+        (11, "PersonalizeLossGraph", {"loss": (3, 3), "width": 512, "height": 256}, None),
+        (12, "SaveImage", {"images": (11, 0), "filename_prefix": "personalize/dreambooth_lora_loss"}, None),
+    ]),
+}
+
+
+def _is_widget(spec) -> bool:
+    t = spec[0]
+    return isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def build(title: str, demo: bool, graph: list, mappings: dict) -> dict:
+    nodes, links = [], []
+    out_links: dict = {}
+    link_id = 0
+    by_id = {n[0]: n for n in graph}
+    for order, (nid, ctype, values, ntitle) in enumerate(graph):
+        cls = mappings[ctype]
+        spec = cls.INPUT_TYPES()
+        inputs, widgets = [], []
+        for section in ("required", "optional"):
+            for name, s in spec.get(section, {}).items():
+                v = values.get(name)
+                if isinstance(v, tuple):
+                    link_id += 1
+                    src, slot = v
+                    src_type = mappings[by_id[src][1]].RETURN_TYPES[slot]
+                    links.append([link_id, src, slot, nid, len(inputs), src_type])
+                    out_links.setdefault((src, slot), []).append(link_id)
+                    entry = {"name": name, "type": src_type, "link": link_id}
+                    if _is_widget(s):
+                        entry["widget"] = {"name": name}
+                    inputs.append(entry)
+                    if _is_widget(s):
+                        widgets.append(None)
+                elif _is_widget(s):
+                    if v is None:
+                        v = s[1].get("default") if len(s) > 1 else None
+                        if v is None and isinstance(s[0], list):
+                            v = s[0][0]
+                    widgets.append(v)
+                    if name in ("seed", "noise_seed"):
+                        widgets.append("fixed")
+                elif section == "required":
+                    raise ValueError(f"{ctype}.{name} is not connected")
+        node = {"id": nid, "type": ctype, "pos": [40 + 330 * (order % 4), 60 + 320 * (order // 4)],
+                "size": [300, 120], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+                "outputs": [], "properties": {"Node name for S&R": ctype}, "widgets_values": widgets}
+        if ntitle:
+            node["title"] = ntitle
+        nodes.append(node)
+    for node in nodes:
+        cls = mappings[node["type"]]
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        node["outputs"] = [{"name": n, "type": t, "links": out_links.get((node["id"], i), []), "slot_index": i}
+                           for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": link_id, "nodes": nodes, "links": links,
+            "groups": [], "config": {},
+            "extra": {"personalize": {"demo": demo, "title": title}, "ds": {"scale": 1, "offset": [0, 0]}},
+            "version": 0.4}
+
+
+def main() -> None:
+    from harness.host import boot
+    tmp = Path(tempfile.mkdtemp())
+    host = boot(None, models_dir=tmp / "models", output_dir=tmp / "out")
+    for name, (title, demo, graph) in GRAPHS.items():
+        wf = build(title, demo, graph, host.nodes.NODE_CLASS_MAPPINGS)
+        (ROOT / "workflows" / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
+        print(f"wrote workflows/{name}.json")  # noqa: T201 - script output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared primitives against closed forms and straightforward implementations."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import pack_module
+
+
+@pytest.fixture(scope="module")
+def K(host):
+    return pack_module(host, "kernels")
+
+
+def test_lowrank_bypass_equals_merged_weight(K):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g)
+    w = torch.randn(12, 16, generator=g)
+    down, up = torch.randn(3, 16, generator=g), torch.randn(12, 3, generator=g)
+    merged = F.linear(x, K.lowrank_merge(w, down, up, 0.5))
+    bypass = F.linear(x, w) + K.lowrank_forward(x, down, up, 0.5)
+    torch.testing.assert_close(bypass, merged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.lowrank_delta_weight(down, up, 0.5), 0.5 * up @ down)
+
+
+def test_lowrank_conv_delta_matches_dense(K):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 6, 9, 9, generator=g)
+    w = torch.randn(5, 6, 3, 3, generator=g)
+    down, up = torch.randn(2, 6, 3, 3, generator=g), torch.randn(5, 2, 1, 1, generator=g)
+    from importlib import import_module
+    lr = import_module(K.__name__ + ".lowrank")
+    merged = F.conv2d(x, w + lr.lowrank_delta_weight(down, up, 0.25), padding=1)
+    bypass = F.conv2d(x, w, padding=1) + lr.lowrank_forward_conv(x, down, up, 0.25, padding=1)
+    torch.testing.assert_close(bypass, merged, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_mse_closed_form_and_zero_grad_outside(K):
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True)
+    target = torch.randn(2, 4, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 3:7] = 1.0
+    loss = K.masked_mse(pred, target, mask)
+    inside = (pred - target)[mask.expand_as(pred).bool()]
+    torch.testing.assert_close(loss, inside.pow(2).mean())
+    loss.backward()
+    outside = ~mask.expand_as(pred).bool()
+    assert pred.grad[outside].abs().max() == 0
+    assert pred.grad[~outside].abs().min() > 0
+    torch.testing.assert_close(K.masked_mse(pred, target, None), (pred - target).pow(2).mean())
+
+
+def test_resize_mask_area_keeps_coverage(K):
+    m = torch.zeros(1, 16, 16)
+    m[:, :8, :] = 1
+    small = K.resize_mask_to(m, (4, 4))
+    assert small.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(small.mean(), m.mean())
+    m2 = torch.zeros(1, 16, 16)
+    m2[:, :6, :] = 1  # row 1 of the 4x4 grid half covered
+    assert float(K.resize_mask_to(m2, (4, 4))[0, 0, 1, 0]) == pytest.approx(0.5)
+
+
+def test_attention_matches_naive_and_returns_maps(K):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 6, 16, generator=g) for _ in range(3))
+    k, v = k[:, :5], v[:, :5]
+    out, probs = K.attention_reference(q, k, v, heads=4, return_probs=True)
+    # naive per-head loop
+    ref = torch.empty_like(q)
+    for h in range(4):
+        sl = slice(4 * h, 4 * h + 4)
+        w = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / 2.0, -1)
+        ref[..., sl] = w @ v[..., sl]
+        torch.testing.assert_close(probs[:, h], w)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.attention(q, k, v, 4), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 6))
+    # injecting the stored map reproduces the output
+    torch.testing.assert_close(K.attention_reference(q * 3, k, v, 4, probs_override=probs), out, rtol=1e-5, atol=1e-5)
