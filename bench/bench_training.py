@@ -12,8 +12,9 @@ train_dreambooth_lora.py (PEFT LoRA, rank 4, on to_q/to_k/to_v/to_out.0).
 
 Checks before timing (the run fails if they do not hold): both sides compute the same loss for the same timestep
 and noise (same network, same weights, same LoRA values), and FLOPs per step match within ``--flop-tol``.
-Then: warm-up, ``--pairs`` interleaved ABBA pairs, median time per step of each side, median and IQR of the
-per-pair ratios ours/ref, peak step memory (torch allocator, profiler memory events) and RSS high-water delta.
+Then: warm-up (whose steps also measure peak step memory - torch allocator, profiler memory events - and the RSS
+high-water delta), ``--rounds`` interleaved rounds (ABBA order), median time per step of each side, median and IQR
+of the per-round ratios ours/ref.
 
 Run: ``python bench/bench_training.py`` from the repository root (``make bench`` does, via bench/run_all.py).
 """
@@ -45,10 +46,12 @@ LORA_LR = 1e-4
 
 
 @dataclass
-class WorkloadResult:
+class Result:
+    """One row: our step vs one reference step, same workload and latent size."""
     workload: str
+    reference: str
     latent: int
-    pairs: int
+    rounds: int
     ours_s: float
     ref_s: float
     ratio_median: float
@@ -237,42 +240,55 @@ class OursLoRA:
 # one workload
 
 
-def run_workload(name, ours_ctx, make_ref, pairs, warmup, flop_tol, loss_tol, log) -> WorkloadResult:
+def run_workload(name, ours_ctx, make_refs, rounds, warmup, flop_tol, loss_tol, log) -> list[Result]:
+    """Check equivalence, count, measure memory and time ``ours`` against every reference ``make_refs`` builds."""
     import torch
 
     with ours_ctx as ours:
-        ref = make_ref(ours)
+        refs = make_refs(ours)
+        sides = {"ours": ours, **refs}
         # 1) same maths: identical loss for the same timestep and noise
         g = torch.Generator().manual_seed(1234)
         noise = torch.randn(ours.latents.shape, generator=g)
         with torch.no_grad():
             lo = ours.loss_at(500, noise)
-            lr = float(ref.loss(torch.tensor([500]), noise))
-        rel = abs(lo - lr) / max(abs(lr), 1e-12)
-        log(f"  [{name}] loss at t=500: ours {lo:.6f}  ref {lr:.6f}  (rel diff {rel:.1e})")
-        if rel > loss_tol:
-            raise SystemExit(f"{name}: ours and reference disagree (loss {lo} vs {lr}); the comparison is invalid")
-        # 2) same work: FLOPs and aten-op counts of one full step
-        f_o = measure.count_flops(ours.step)
-        f_r = measure.count_flops(ref.step)
-        o_o = measure.count_ops(ours.step).total
-        o_r = measure.count_ops(ref.step).total
-        log(f"  [{name}] FLOPs/step ours {f_o / 1e9:.2f} G  ref {f_r / 1e9:.2f} G  (ratio {f_o / f_r:.3f}); "
-            f"aten ops ours {o_o}  ref {o_r}")
-        if abs(f_o / f_r - 1) > flop_tol:
-            raise SystemExit(f"{name}: FLOPs differ by more than {flop_tol:.0%}: {f_o} vs {f_r}")
+            lr = {k: float(r.loss(torch.tensor([500]), noise)) for k, r in refs.items()}
+        for k, v in lr.items():
+            rel = abs(lo - v) / max(abs(v), 1e-12)
+            log(f"  [{name}] loss at t=500: ours {lo:.6f}  {k} {v:.6f}  (rel diff {rel:.1e})")
+            if rel > loss_tol:
+                raise SystemExit(f"{name}: ours and {k} disagree (loss {lo} vs {v}); the comparison is invalid")
+        # 2) warm-up that also measures: a plain step (creates optimizer state), FLOPs + aten ops of a step,
+        #    peak allocator bytes of a step, RSS high-water delta of a step; then plain warm-up steps
+        for side in sides.values():
+            side.step()
+        counts = {k: measure.count_flops_and_ops(side.step) for k, side in sides.items()}
+        peak = {k: measure.peak_step_bytes(side.step) for k, side in sides.items()}
+        rss = {k: measure.rss_peak_delta_bytes(side.step) for k, side in sides.items()}
+        for _ in range(warmup):
+            for side in sides.values():
+                side.step()
+        f_o = counts["ours"][0]
+        for k in refs:
+            f_r = counts[k][0]
+            log(f"  [{name}] FLOPs/step ours {f_o / 1e9:.2f} G  {k} {f_r / 1e9:.2f} G  (ratio {f_o / f_r:.3f}); "
+                f"aten ops ours {counts['ours'][1].total}  {k} {counts[k][1].total}")
+            if abs(f_o / f_r - 1) > flop_tol:
+                raise SystemExit(f"{name}: FLOPs of ours and {k} differ by more than {flop_tol:.0%}: {f_o} vs {f_r}")
         # 3) time, interleaved
         t0 = time.perf_counter()
-        timing = measure.interleaved(ours.step, ref.step, pairs=pairs, warmup=warmup)
-        log(f"  [{name}] timed {pairs} pairs in {time.perf_counter() - t0:.1f} s")
-        # 4) memory (one step each, after the warm-up so optimizer state already exists)
-        m_o = measure.peak_step_bytes(ours.step)
-        m_r = measure.peak_step_bytes(ref.step)
-        r_o = measure.rss_peak_delta_bytes(ours.step)
-        r_r = measure.rss_peak_delta_bytes(ref.step)
-        q1, med, q3 = timing.ratio
-        return WorkloadResult(name, int(ours.latents.shape[-1]), pairs, timing.median_a, timing.median_b, med, q1, q3,
-                              m_o, m_r, r_o, r_r, f_o, f_r, o_o, o_r, lo, lr, timing.a, timing.b)
+        timing = measure.interleaved({k: side.step for k, side in sides.items()}, rounds)
+        log(f"  [{name}] timed {rounds} rounds in {time.perf_counter() - t0:.1f} s")
+        out = []
+        for k in refs:
+            q1, med, q3 = timing.ratio(k)
+            out.append(Result(name, k, int(ours.latents.shape[-1]), rounds, timing.median("ours"), timing.median(k),
+                              med, q1, q3, peak["ours"], peak[k], rss["ours"], rss[k], f_o, counts[k][0],
+                              counts["ours"][1].total, counts[k][1].total, lo, lr[k], timing.times["ours"],
+                              timing.times[k]))
+            log(f"  [{name}] ours {out[-1].ours_s:.3f} s/step, {k} {out[-1].ref_s:.3f} s/step, "
+                f"ratio {med:.2f} [{q1:.2f}-{q3:.2f}]")
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,13 +301,13 @@ def fmt_bytes(n) -> str:
     return f"{n / 2 ** 20:.1f} MiB"
 
 
-def table(results: list[WorkloadResult]) -> str:
-    head = ("workload", "latent", "ours s/step", "ref s/step", "time ours/ref [IQR]", "peak mem ours",
+def table(results: list[Result]) -> str:
+    head = ("workload", "reference", "latent", "ours s/step", "ref s/step", "time ours/ref [IQR]", "peak mem ours",
             "peak mem ref", "mem ours/ref", "RSS Δ ours", "RSS Δ ref", "GFLOP ours/ref (ratio)", "aten ops ours/ref")
     rows = [head]
     for r in results:
         rows.append((
-            r.workload, f"{r.latent}x{r.latent}", f"{r.ours_s:.3f}", f"{r.ref_s:.3f}",
+            r.workload, r.reference, f"{r.latent}x{r.latent}", f"{r.ours_s:.3f}", f"{r.ref_s:.3f}",
             f"{r.ratio_median:.2f} [{r.ratio_q1:.2f}-{r.ratio_q3:.2f}]",
             fmt_bytes(r.ours_peak_bytes), fmt_bytes(r.ref_peak_bytes), f"{r.mem_ratio:.2f}",
             fmt_bytes(r.ours_rss_bytes), fmt_bytes(r.ref_rss_bytes),
@@ -301,7 +317,7 @@ def table(results: list[WorkloadResult]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = []
     for j, row in enumerate(rows):
-        lines.append(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        lines.append(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if j == 0:
             lines.append("-+-".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -312,12 +328,16 @@ def table(results: list[WorkloadResult]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--host", default=os.environ.get("COMFYUI_PATH") or None, help="ComfyUI tree (default: $COMFYUI_PATH "
-                    "or the repository's default host)")
+    ap.add_argument("--host", default=os.environ.get("COMFYUI_PATH") or None,
+                    help="ComfyUI tree (default: $COMFYUI_PATH or the repository's default host)")
     ap.add_argument("--latents", default="8,32", help="latent sizes (8 = 64x64 px, 32 = 256x256 px)")
     ap.add_argument("--workloads", default="ti,lora")
-    ap.add_argument("--pairs", default="12,6", help="timed pairs per latent size (one value or one per size)")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--ti-refs", default="script,row",
+                    help="TI references: script (diffusers' scheme) and/or row (same models, one trainable row)")
+    ap.add_argument("--rounds", default="12,6",
+                    help="timed rounds per latent size (one value or one per size); a round times one step of "
+                         "every side, in alternating order")
+    ap.add_argument("--warmup", type=int, default=1, help="plain warm-up steps per side after the measuring ones")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for both sides (default 1: stable on a shared 2-core machine)")
     ap.add_argument("--flop-tol", type=float, default=0.05)
@@ -355,11 +375,11 @@ def main(argv=None) -> int:
         f"CLIP-L {sum(p.numel() for p in base_te.parameters()) / 1e6:.1f} M")
 
     sizes = [int(s) for s in args.latents.split(",") if s]
-    pairs = [int(p) for p in args.pairs.split(",")]
-    pairs = (pairs * len(sizes))[:len(sizes)] if len(pairs) == 1 else pairs
+    rounds = [int(p) for p in args.rounds.split(",")]
+    rounds = (rounds * len(sizes))[:len(sizes)] if len(rounds) == 1 else rounds
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     results = []
-    for size, n_pairs in zip(sizes, pairs):
+    for size, n_rounds in zip(sizes, rounds):
         g = torch.Generator().manual_seed(size)
         latents = torch.randn(1, 4, size, size, generator=g)  # user-space VAE latent (the pack caches these)
         model_latents = latents * model.model.latent_format.scale_factor  # == vae.config.scaling_factor
@@ -368,34 +388,35 @@ def main(argv=None) -> int:
             if w == "ti":
                 ours_ctx = OursTI(M, model, clip, latents)
 
-                def make_ref(ours, model_latents=model_latents):
-                    te, unet = copy.deepcopy(base_te), copy.deepcopy(base_unet)
+                def make_refs(ours, model_latents=model_latents):
                     ids = torch.tensor([[t for t, _w in ours.tokens[0]["l"][0]]])
                     init_id = M["textual"].word_token_ids(clip, "dog")["l"][0]
-                    ref = reference.ReferenceTI(unet, te, ids, ours.emb.token_ids["l"], init_id, model_latents, lr=TI_LR)
-                    assert torch.equal(ref.trained_vector(), ours.emb.vectors["l"].detach())
-                    return ref
+                    refs = {}
+                    for mode in args.ti_refs.split(","):
+                        te, unet = copy.deepcopy(base_te), copy.deepcopy(base_unet)
+                        refs[f"diffusers-{mode}"] = ref = reference.ReferenceTI(
+                            unet, te, ids, ours.emb.token_ids["l"], init_id, model_latents, lr=TI_LR, mode=mode)
+                        assert torch.equal(ref.trained_vector(), ours.emb.vectors["l"].detach())
+                    return refs
             elif w == "lora":
                 ours_ctx = OursLoRA(M, model, clip, latents)
 
-                def make_ref(ours, model_latents=model_latents):
+                def make_refs(ours, model_latents=model_latents):
                     unet = copy.deepcopy(base_unet)
                     ref = reference.ReferenceLoRA(unet, ours.cond.detach().clone(), model_latents, rank=LORA_RANK,
                                                   lr=LORA_LR)
                     share_lora_values(ours, ref, key_map)
-                    return ref
+                    return {"diffusers-peft": ref}
             else:
                 raise SystemExit(f"unknown workload {w!r}")
-            results.append(run_workload(w, ours_ctx, make_ref, n_pairs, args.warmup, args.flop_tol, args.loss_tol, log))
-            log(f"  [{w}] ours {results[-1].ours_s:.3f} s/step, ref {results[-1].ref_s:.3f} s/step, "
-                f"ratio {results[-1].ratio_median:.2f} [{results[-1].ratio_q1:.2f}-{results[-1].ratio_q3:.2f}]")
+            results += run_workload(w, ours_ctx, make_refs, n_rounds, args.warmup, args.flop_tol, args.loss_tol, log)
 
     print()
-    print(f"Training-step benchmark, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {args.threads} intra-op thread(s), fp32, batch 1, host {h.path.name}")
-    print("time: median s/step; ratio: median of per-pair ours/ref over interleaved ABBA pairs [25th-75th pct]")
-    print("peak mem: peak bytes held by torch's CPU allocator during one step above the pre-step level (profiler);"
-          " RSS Δ: resident high-water mark during the step minus RSS before it")
+    print(f"Training-step benchmark: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{args.threads} intra-op thread(s), fp32, batch 1, host {h.path}")
+    print("s/step: median; time ours/ref: median of per-round ratios over interleaved rounds [25th-75th pct];")
+    print("peak mem: peak bytes held by torch's CPU allocator during one step above the pre-step level "
+          "(profiler memory events); RSS Δ: resident high-water mark during one step minus RSS before it")
     print(table(results))
     worst = max(r.ratio_median for r in results)
     print(f"total {time.perf_counter() - t_start:.0f} s")

@@ -30,22 +30,15 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 @dataclass
-class PairTiming:
-    a: list = field(default_factory=list)      # seconds per step, side A
-    b: list = field(default_factory=list)      # seconds per step, side B
-    ratios: list = field(default_factory=list)  # a_i / b_i per pair
+class Timing:
+    times: dict = field(default_factory=dict)   # side -> [seconds per step]
+    ratios: dict = field(default_factory=dict)  # other side -> [t_first / t_other per round]
 
-    @property
-    def median_a(self) -> float:
-        return statistics.median(self.a)
+    def median(self, side) -> float:
+        return statistics.median(self.times[side])
 
-    @property
-    def median_b(self) -> float:
-        return statistics.median(self.b)
-
-    @property
-    def ratio(self) -> tuple[float, float, float]:
-        return quantiles(self.ratios)
+    def ratio(self, other) -> tuple[float, float, float]:
+        return quantiles(self.ratios[other])
 
 
 def _timed(fn) -> float:
@@ -54,30 +47,27 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(step_a, step_b, pairs: int, warmup: int = 3) -> PairTiming:
-    """Time ``pairs`` steps of each side as adjacent pairs in ABBA order (A B, B A, A B, ...).
+def interleaved(steps: dict, rounds: int) -> Timing:
+    """Time one step of every side per round, alternating the order (A B C, C B A, A B C, ...: ABBA for two
+    sides), and record per round the ratio of the first side's time to each other side's.
 
-    ``step_*`` must run one complete optimisation step and return only when its work is done (CPU: always).
-    GC is collected before the timed part and disabled during it, so a collection never lands in one side.
+    ``steps`` maps side name -> callable running one complete optimisation step (the first entry is "ours").
+    GC is collected before and disabled during the timed part, so a collection never lands in one side.
     """
-    for _ in range(warmup):
-        step_a()
-        step_b()
-    res = PairTiming()
+    names = list(steps)
+    first = names[0]
+    res = Timing({n: [] for n in names}, {n: [] for n in names[1:]})
     gc.collect()
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        for i in range(pairs):
-            if i % 2 == 0:
-                ta = _timed(step_a)
-                tb = _timed(step_b)
-            else:
-                tb = _timed(step_b)
-                ta = _timed(step_a)
-            res.a.append(ta)
-            res.b.append(tb)
-            res.ratios.append(ta / tb)
+        for i in range(rounds):
+            order = names if i % 2 == 0 else names[::-1]
+            t = {n: _timed(steps[n]) for n in order}
+            for n in names:
+                res.times[n].append(t[n])
+            for n in names[1:]:
+                res.ratios[n].append(t[first] / t[n])
     finally:
         if gc_was:
             gc.enable()
@@ -168,12 +158,13 @@ def _custom_flop_mapping() -> dict:
     return out
 
 
-def count_flops(fn) -> int:
-    """Total FLOPs (matmul/conv/attention; 1 multiply-add = 2 FLOPs) of one call of ``fn``."""
-    mode = FlopCounterMode(display=False, custom_mapping=_custom_flop_mapping())
-    with mode:
+def count_flops_and_ops(fn) -> tuple[int, "OpCounter"]:
+    """(total FLOPs - matmul/conv/attention, 1 multiply-add = 2 FLOPs -, aten op counter) of one call of ``fn``."""
+    flops = FlopCounterMode(display=False, custom_mapping=_custom_flop_mapping())
+    ops = OpCounter()
+    with flops, ops:
         fn()
-    return int(mode.get_total_flops())
+    return int(flops.get_total_flops()), ops
 
 
 class OpCounter(TorchDispatchMode):
@@ -197,9 +188,3 @@ class OpCounter(TorchDispatchMode):
     def total(self) -> int:
         return sum(self.ops.values())
 
-
-def count_ops(fn) -> OpCounter:
-    mode = OpCounter()
-    with mode:
-        fn()
-    return mode

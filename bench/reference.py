@@ -102,11 +102,20 @@ def make_scheduler():
 
 
 class ReferenceTI:
-    """One Textual Inversion optimisation step as in diffusers' textual_inversion.py."""
+    """One Textual Inversion optimisation step as in diffusers' textual_inversion.py.
+
+    ``mode="script"``: exactly the script's scheme (whole embedding matrix in AdamW, dense gradient, other rows
+    restored after each step). ``mode="row"``: a leaner variant of the same step with the same models - the
+    embedding matrix frozen and only the placeholder's vector trainable (a forward hook on the token embedding
+    swaps it in), so the comparison isolates the network's cost from the script's optimizer overhead.
+    """
 
     def __init__(self, unet, text_encoder, input_ids: torch.Tensor, placeholder_id: int, init_id: int,
-                 latents: torch.Tensor, lr: float = 5e-3, seed: int = 0):
+                 latents: torch.Tensor, lr: float = 5e-3, seed: int = 0, mode: str = "script"):
         from diffusers.optimization import get_scheduler
+        if mode not in ("script", "row"):
+            raise ValueError(mode)
+        self.mode = mode
         self.unet, self.te = unet, text_encoder
         self.input_ids = input_ids  # [1, 77], as the dataset yields it
         self.latents = latents       # cached VAE latents * scaling_factor (model space)
@@ -121,12 +130,23 @@ class ReferenceTI:
         with torch.no_grad():  # "Initialise the newly added placeholder token with the embeddings of the initializer token"
             emb = self.te.get_input_embeddings().weight
             emb[placeholder_id] = emb[init_id].clone()
-        self.orig_embeds_params = self.te.get_input_embeddings().weight.data.clone()
-        self.index_no_updates = torch.ones((self.orig_embeds_params.shape[0],), dtype=torch.bool)
-        self.index_no_updates[placeholder_id] = False
         self.placeholder_id = placeholder_id
-        self.optimizer = torch.optim.AdamW(self.te.get_input_embeddings().parameters(), lr=lr, betas=(0.9, 0.999),
-                                           weight_decay=1e-2, eps=1e-8)
+        if mode == "script":
+            self.orig_embeds_params = self.te.get_input_embeddings().weight.data.clone()
+            self.index_no_updates = torch.ones((self.orig_embeds_params.shape[0],), dtype=torch.bool)
+            self.index_no_updates[placeholder_id] = False
+            params = self.te.get_input_embeddings().parameters()
+        else:
+            emb_layer = self.te.get_input_embeddings()
+            emb_layer.requires_grad_(False)
+            self.vector = torch.nn.Parameter(emb_layer.weight[placeholder_id].detach().clone())
+
+            def swap_in(_module, args, out, _vec=self.vector, _pid=placeholder_id):
+                return torch.where((args[0] == _pid).unsqueeze(-1), _vec.to(out.dtype), out)
+
+            emb_layer.register_forward_hook(swap_in)
+            params = [self.vector]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         self.lr_scheduler = get_scheduler("constant", optimizer=self.optimizer)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -150,12 +170,16 @@ class ReferenceTI:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad()
-        # "Let's make sure we don't update any embedding weights besides the newly added token"
-        with torch.no_grad():
-            self.te.get_input_embeddings().weight[self.index_no_updates] = self.orig_embeds_params[self.index_no_updates]
+        if self.mode == "script":
+            # "Let's make sure we don't update any embedding weights besides the newly added token"
+            with torch.no_grad():
+                self.te.get_input_embeddings().weight[self.index_no_updates] = \
+                    self.orig_embeds_params[self.index_no_updates]
         return loss.detach().item()
 
     def trained_vector(self) -> torch.Tensor:
+        if self.mode == "row":
+            return self.vector.detach()
         return self.te.get_input_embeddings().weight[self.placeholder_id].detach()
 
 

@@ -8,6 +8,9 @@ that clone is loaded and is removed by ComfyUI's own unpatching (identical in th
 * :func:`add_out_of_place_patches` makes host blocks that use in-place residual adds (``x += n``) safe for
   autograd (2024 ``BasicTransformerBlock._forward``; ``CLIPLayer.forward`` in both hosts).
 * :func:`add_gradient_checkpointing` wraps the UNet's top-level blocks in ``torch.utils.checkpoint``.
+* :func:`use_fused_attention` / :func:`use_fused_text_attention` route the UNet's / text encoder's attention through
+  PyTorch's fused SDPA on CPU, where both hosts otherwise use attention implementations that keep the N x N
+  probabilities (and head-split copies of q, k, v) for backward.
 """
 from __future__ import annotations
 
@@ -162,4 +165,96 @@ def add_gradient_checkpointing(patcher) -> int:
             base = types.MethodType(type(mod).forward, mod)
             patcher.add_object_patch(f"diffusion_model.{name}.forward", _checkpointed(base))
             count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused attention for training on CPU.
+
+def _fused_attention_patch(q, k, v, extra_options):
+    """``attn1``/``attn2`` replace patch: softmax(q kᵀ/√d) v with ``F.scaled_dot_product_attention``.
+
+    Only float32 CPU tensors take the fused path; anything else goes to the host's own attention, so the patch
+    never changes what a non-CPU or reduced-precision run computes.
+    """
+    from ..kernels.attention import attention
+    heads = extra_options["n_heads"]
+    if q.device.type == "cpu" and q.dtype == torch.float32:
+        return attention(q, k, v, heads)
+    import comfy.ldm.modules.attention as host_attention
+    return host_attention.optimized_attention(q, k, v, heads)
+
+
+def use_fused_attention(patcher) -> int:
+    """Make the UNet's self- and cross-attention use PyTorch's fused SDPA while ``patcher`` trains on the CPU.
+
+    On CPU neither host enables PyTorch attention; it picks sub-quadratic attention, whose backward keeps every
+    attention-probability matrix (``heads x N x N`` floats per layer: 32 MiB per self-attention at a 32x32 latent)
+    and which runs more, smaller kernels. SDPA's CPU kernel (flash style) keeps only the output and log-sum-exp,
+    and computes the same softmax(q kᵀ/√d) v. Applied as ``attn1``/``attn2`` replace patches keyed by
+    ``(block, number, transformer_index)`` - the host calls them with the projected q, k, v, so LoRA bypass
+    patches on ``to_q``/``to_k``/``to_v``/``to_out`` still apply - and never where the model already has a
+    replace patch of its own (another node's). Does nothing unless the patcher's load device is the CPU.
+    Returns the number of patches added.
+    """
+    if torch.device(patcher.load_device).type != "cpu":
+        return 0
+    unet = patcher.model.diffusion_model
+    replace = patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
+    groups = [("input", i, b) for i, b in enumerate(getattr(unet, "input_blocks", []))]
+    if getattr(unet, "middle_block", None) is not None:
+        groups.append(("middle", 0, unet.middle_block))
+    groups += [("output", i, b) for i, b in enumerate(getattr(unet, "output_blocks", []))]
+    count = 0
+    for name, number, block in groups:
+        for layer in block.modules() if isinstance(block, torch.nn.Module) else ():
+            if type(layer).__name__ != "SpatialTransformer":  # not SpatialVideoTransformer: temporal blocks differ
+                continue
+            for index, tb in enumerate(getattr(layer, "transformer_blocks", [])):
+                for attn, setter in (("attn1", patcher.set_model_attn1_replace),
+                                     ("attn2", patcher.set_model_attn2_replace)):
+                    if getattr(tb, attn, None) is None:
+                        continue
+                    existing = replace.get(attn, {})
+                    if (name, number) in existing or (name, number, index) in existing:
+                        continue
+                    setter(_fused_attention_patch, name, number, index)
+                    count += 1
+    return count
+
+
+def _fused_text_attention(host_attention):
+    """Wrap the attention function a host CLIP encoder passes to its layers: float32 CPU calls without extra
+    options go to fused SDPA (same softmax(q kᵀ/√d + mask) v), everything else to the host's function."""
+    from ..kernels.attention import attention
+
+    def fn(q, k, v, heads, mask=None, *args, **kwargs):
+        if not args and not kwargs and q.device.type == "cpu" and q.dtype == torch.float32:
+            return attention(q, k, v, heads, mask=mask)
+        return host_attention(q, k, v, heads, mask, *args, **kwargs)
+    return fn
+
+
+def use_fused_text_attention(clip_patcher) -> int:
+    """Make every ``CLIPAttention`` of a text encoder being trained on the CPU use fused SDPA.
+
+    Both hosts' CLIP encoders pick ``attention_basic`` on CPU (``optimized_attention_for_device(small_input=True)``),
+    which saves head-split copies of q, k, v and the softmax probabilities for backward; SDPA saves neither.
+    ``CLIPAttention.forward(x, mask, optimized_attention)`` receives the function from its encoder; the patch
+    wraps it (see :func:`_fused_text_attention`). Returns the number of patched modules (0 off the CPU).
+    """
+    if torch.device(clip_patcher.load_device).type != "cpu":
+        return 0
+    count = 0
+    for name, mod in clip_patcher.model.named_modules():
+        if type(mod).__name__ != "CLIPAttention" or "optimized_attention" not in inspect.signature(type(mod).forward).parameters:
+            continue
+
+        def fn(base, x, mask=None, optimized_attention=None, *args, **kwargs):
+            if optimized_attention is not None:
+                optimized_attention = _fused_text_attention(optimized_attention)
+            return base(x, mask, optimized_attention, *args, **kwargs)
+
+        override_forward(clip_patcher, name, fn)
+        count += 1
     return count

@@ -80,12 +80,14 @@ class TrainingSession:
         self._stack.enter_context(torch.enable_grad())
         self.model = self._src_model.clone()
         graph_patches.make_unet_differentiable(self.model)
+        graph_patches.use_fused_attention(self.model)
         if self.gradient_checkpointing:
             graph_patches.add_gradient_checkpointing(self.model)
         if self._src_clip is not None:
             self.clip = self._src_clip.clone()
             if self.train_text:
                 graph_patches.make_text_encoder_differentiable(self.clip.patcher)
+                graph_patches.use_fused_text_attention(self.clip.patcher)
         return self
 
     def load(self) -> None:

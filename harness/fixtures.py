@@ -204,9 +204,10 @@ def ensure_checkpoint(kind: str, cache_dir: Path | str | None = None) -> Path:
     with _locked(cache_dir / f".{path.name}.lock"):
         if _header_ok(path, kind, digest):  # another process built it while we waited
             return path
-        for stale in cache_dir.glob(f".{path.name}.tmp-*"):  # left by killed builders; we hold the lock
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        if fcntl is not None:  # only the lock holder writes temp files: any other one is from a killed builder
+            for stale in cache_dir.glob(f".{path.name}.tmp-*"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         tmp = cache_dir / f".{path.name}.tmp-{os.getpid()}"
         try:
             write_checkpoint(kind, spec, tmp, digest)
@@ -250,7 +251,8 @@ _SPEC_CACHE: dict[str, list[TensorSpec]] = {}
 
 
 def spec_digest(spec: list[TensorSpec]) -> str:
-    """sha256 over format version, seed and every (key, shape, dtype, init): equal digests mean equal bytes."""
+    """sha256 over format version, seed and every (key, shape, dtype, init). Values are a pure function of
+    (seed, version, kind, key, init), so for one kind equal digests mean byte-identical files."""
     h = hashlib.sha256()
     h.update(json.dumps({"format": FORMAT_VERSION, "seed": SEED}, sort_keys=True).encode())
     for s in spec:
@@ -338,7 +340,8 @@ def _host_text_encoder(kind: str):
         from comfy.text_encoders import sd2_clip  # 2025
     except ImportError:
         from comfy import sd2_clip  # 2024
-    cls = {"sd15": comfy.sd1_clip.SD1ClipModel, "sd2": sd2_clip.SD2ClipModel, "sdxl": comfy.sdxl_clip.SDXLClipModel}[kind]
+    cls = {"sd15": comfy.sd1_clip.SD1ClipModel, "sd2": sd2_clip.SD2ClipModel,
+           "sdxl": comfy.sdxl_clip.SDXLClipModel}[kind]
     with torch.device("meta"), torch.no_grad():  # 2024 copies eye() into text_projection in __init__
         return cls(device="meta", dtype=torch.float32)
 
@@ -351,7 +354,8 @@ def _clip_tower_specs(tensors: dict, host_prefix: str, layout: str, ckpt_prefix:
     ``layout`` "open_clip": the inverse of ComfyUI's ``clip_text_transformers_convert`` (SD2 / SDXL CLIP-G).
     """
     tm = host_prefix + "transformer.text_model."
-    n_layers = 1 + max(int(k[len(tm + "encoder.layers."):].split(".")[0]) for k in tensors if k.startswith(tm + "encoder.layers."))
+    layers = tm + "encoder.layers."
+    n_layers = 1 + max(int(k[len(layers):].split(".")[0]) for k in tensors if k.startswith(layers))
     width = tensors[tm + "final_layer_norm.weight"][2][0]
     residual_gain = 1.0 / math.sqrt(2 * n_layers)
     out = []
@@ -451,7 +455,6 @@ def _check_spec_against_host(kind: str, spec: list[TensorSpec]) -> None:
     """Run the host's detection and text-encoder key conversion on meta tensors of the spec (no data needed)."""
     import torch
     import comfy.model_detection
-    import comfy.utils
 
     dt = {"F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
     sd = {s.key: torch.empty(s.shape, dtype=dt[s.dtype], device="meta") for s in spec}

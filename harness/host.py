@@ -79,7 +79,7 @@ class _LogCapture(logging.Handler):
             self.messages.append(str(record.msg))
 
 
-@dataclass
+@dataclass(repr=False)
 class Host:
     """A booted ComfyUI tree. Module attributes are the host's own modules."""
 
@@ -106,6 +106,10 @@ class Host:
     extras_import_failed: list = field(default_factory=list)
     boot_log: list = field(default_factory=list)
     boot_seconds: float = 0.0
+
+    def __repr__(self) -> str:
+        return (f"Host(path={str(self.path)!r}, version={self.version!r}, pack={self.pack_module_name!r}, "
+                f"nodes={len(self.pack_node_ids)}, has_guiders={self.has_guiders}, has_comfy_api={self.has_comfy_api})")
 
     @property
     def is_current_api(self) -> bool:
@@ -204,10 +208,11 @@ def _check_clean_process(path: Path) -> None:
         mod = sys.modules.get(name)
         if mod is None:
             continue
-        mod_file = getattr(mod, "__file__", None) or ""
-        if not mod_file or not Path(mod_file).resolve().is_relative_to(path):
+        locations = [getattr(mod, "__file__", None)] + list(getattr(mod, "__path__", None) or [])
+        locations = [loc for loc in locations if loc]
+        if not any(Path(loc).resolve().is_relative_to(path) for loc in locations):
             raise HostBootError(
-                f"module {name!r} is already imported from {mod_file or '?'}, not from {path}. "
+                f"module {name!r} is already imported from {locations or '?'}, not from {path}. "
                 "Boot the host before importing ComfyUI modules (and never `import nodes` from the repo root: "
                 "the pack's own modules use relative imports)."
             )

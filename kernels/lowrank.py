@@ -36,14 +36,18 @@ def lowrank_forward(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale
     """The bypass term ``scale * up(down(x))`` for a Linear layer, in ``x``'s dtype.
 
     ``x [..., in]``, ``down [r, in]``, ``up [out, r]`` -> ``[..., out]``. The factors are cast to ``x``'s dtype
-    so a float32 delta trains against fp16/bf16 base weights (the cast is differentiable).
+    so a float32 delta trains against fp16/bf16 base weights (the cast is differentiable). ``scale == 1`` (the
+    default ``alpha == rank``) skips the multiply: one kernel and one ``[..., out]`` temporary less per layer and
+    call, bit-identical result.
     """
     h = F.linear(x, down.to(x.dtype))
-    return F.linear(h, up.to(x.dtype)) * scale
+    out = F.linear(h, up.to(x.dtype))
+    return out if scale == 1.0 else out * scale
 
 
 def lowrank_forward_conv(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float,
                          stride=1, padding=0, dilation=1) -> torch.Tensor:
     """Bypass term for a Conv2d layer: ``down`` is a conv with the base kernel geometry, ``up`` a 1x1 conv."""
     h = F.conv2d(x, down.to(x.dtype), stride=stride, padding=padding, dilation=dilation)
-    return F.conv2d(h, up.to(x.dtype)) * scale
+    out = F.conv2d(h, up.to(x.dtype))
+    return out if scale == 1.0 else out * scale

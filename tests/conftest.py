@@ -18,8 +18,9 @@ if str(REPO_ROOT) not in sys.path:  # pytest.ini's `pythonpath = .` normally doe
     sys.path.append(str(REPO_ROOT))
 
 from harness import DEFAULT_HOST_PATH  # noqa: E402
+from harness.fixtures import default_cache_dir  # noqa: E402
 
-FIXTURE_CACHE_DIR = REPO_ROOT / ".cache" / "fixtures"
+FIXTURE_CACHE_DIR = default_cache_dir()  # $PERSONALIZE_FIXTURES_DIR or <repo>/.cache/fixtures
 
 CHECKPOINT_KINDS = ("sd15", "sd2", "sdxl")
 
