@@ -100,3 +100,31 @@ class PlaceholderEmbeddings(torch.nn.Module):
             return {f"clip_{k}": v.detach().float().cpu().reshape(1, -1).contiguous() for k, v in self.vectors.items()}
         (vec,) = self.vectors.values()
         return {"emb_params": vec.detach().float().cpu().reshape(1, -1).contiguous()}
+
+
+class ConditioningRows(torch.nn.Module):
+    """Trainable rows in the *encoded* prompt (CONDITIONING) space: ``[c, c_s]`` replaces the last ``n`` rows of
+    an encoded prompt ``c [B, T, d]`` by ``c_s [n, d]`` (HiFi Tuner §3.2, Eq. 6: ``c_s`` is initialised from, and
+    regularised toward, the tail of the encoded null prompt ``ϕ``). Differentiable in ``c_s`` only."""
+
+    def __init__(self, init_rows: torch.Tensor):
+        super().__init__()
+        if init_rows.dim() != 2:
+            raise PersonalizeError("ConditioningRows expects [n, d] initial rows.")
+        self.anchor = init_rows.detach().float().clone()
+        self.rows = torch.nn.Parameter(init_rows.detach().float().clone())
+
+    @classmethod
+    def from_tail(cls, cond: torch.Tensor, n: int) -> "ConditioningRows":
+        if not 0 < n < cond.shape[-2]:
+            raise PersonalizeError(f"n tokens must be between 1 and {cond.shape[-2] - 1}.")
+        return cls(cond[0, -n:])
+
+    def apply(self, cond: torch.Tensor) -> torch.Tensor:
+        n = self.rows.shape[0]
+        rows = self.rows.to(device=cond.device, dtype=cond.dtype).unsqueeze(0).expand(cond.shape[0], -1, -1)
+        return torch.cat([cond[:, :-n], rows], dim=1)
+
+    def regularisation(self) -> torch.Tensor:
+        """Mean squared distance to the initial rows (the null-text tail ``ϕ_s``)."""
+        return (self.rows - self.anchor.to(self.rows.device)).pow(2).mean()

@@ -78,3 +78,20 @@ def test_attention_matches_naive_and_returns_maps(K):
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 6))
     # injecting the stored map reproduces the output
     torch.testing.assert_close(K.attention_reference(q * 3, k, v, 4, probs_override=probs), out, rtol=1e-5, atol=1e-5)
+
+
+def test_conditioning_rows_replace_the_tail_and_train_only_the_rows(host):
+    textual = pack_module(host, "core.textual")
+    g = torch.Generator().manual_seed(4)
+    null = torch.randn(1, 77, 8, generator=g)
+    cond = torch.randn(2, 77, 8, generator=g, requires_grad=True)
+    rows = textual.ConditioningRows.from_tail(null, 5)
+    out = rows.apply(cond)
+    torch.testing.assert_close(out[:, :72], cond[:, :72])
+    torch.testing.assert_close(out[:, 72:], null[:, 72:].expand(2, -1, -1))
+    assert float(rows.regularisation()) == 0.0
+    (out[:, 72:] * torch.randn(2, 5, 8, generator=g)).sum().backward()
+    assert rows.rows.grad.abs().sum() > 0 and cond.grad.abs().sum() == 0
+    with torch.no_grad():
+        rows.rows.add_(1.0)
+    assert float(rows.regularisation()) == pytest.approx(1.0)
