@@ -16,17 +16,22 @@ Then: warm-up (whose steps also measure peak step memory - torch allocator, prof
 high-water delta), ``--rounds`` interleaved rounds (ABBA order), median time per step of each side, median and IQR
 of the per-round ratios ours/ref.
 
+Both sides run with the same ``--threads`` intra-op threads (default 1: on a 2-vCPU machine shared with other torch
+processes, 2 OpenMP threads per process spin-wait for each other and a step becomes 10-50x slower on *both* sides;
+see bench/README.md), flush-to-zero on, fp32, batch 1, cached latents and no VAE in the step.
+
 Run: ``python bench/bench_training.py`` from the repository root (``make bench`` does, via bench/run_all.py).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib
 import json
+import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -353,7 +358,15 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="personalize-bench-"))
+    try:
+        return _run(args, work, t_start, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work: Path, t_start: float, log) -> int:
     h, ckpt = boot(args.host, work)
+    logging.getLogger().setLevel(logging.WARNING)  # ComfyUI's per-load INFO lines would bury the results
     import torch
 
     torch.set_num_threads(args.threads)

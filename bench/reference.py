@@ -127,7 +127,8 @@ class ReferenceTI:
         text_model(self.te).embeddings.position_embedding.requires_grad_(False)
         self.unet.train()
         self.te.train()
-        with torch.no_grad():  # "Initialise the newly added placeholder token with the embeddings of the initializer token"
+        # "Initialise the newly added placeholder token with the embeddings of the initializer token"
+        with torch.no_grad():
             emb = self.te.get_input_embeddings().weight
             emb[placeholder_id] = emb[init_id].clone()
         self.placeholder_id = placeholder_id

@@ -192,34 +192,41 @@ def use_fused_attention(patcher) -> int:
     attention-probability matrix (``heads x N x N`` floats per layer: 32 MiB per self-attention at a 32x32 latent)
     and which runs more, smaller kernels. SDPA's CPU kernel (flash style) keeps only the output and log-sum-exp,
     and computes the same softmax(q kᵀ/√d) v. Applied as ``attn1``/``attn2`` replace patches keyed by
-    ``(block, number, transformer_index)`` - the host calls them with the projected q, k, v, so LoRA bypass
-    patches on ``to_q``/``to_k``/``to_v``/``to_out`` still apply - and never where the model already has a
-    replace patch of its own (another node's). Does nothing unless the patcher's load device is the CPU.
+    ``(block, number)`` - the host calls them with the projected q, k, v, so LoRA bypass patches on
+    ``to_q``/``to_k``/``to_v``/``to_out`` still apply - and never where the model already has a replace patch of
+    its own (another node's) for that block; patches added later by anyone take precedence. Does nothing unless
+    the patcher's load device is the CPU and the UNet computes in float32, nor when the model carries a (2025)
+    ``optimized_attention_override``.
     Returns the number of patches added.
     """
     if torch.device(patcher.load_device).type != "cpu":
         return 0
-    unet = patcher.model.diffusion_model
-    replace = patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
+    base = patcher.model
+    compute_dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    if compute_dtype != torch.float32:
+        return 0
+    transformer_options = patcher.model_options.get("transformer_options", {})
+    if "optimized_attention_override" in transformer_options:
+        return 0
+    unet = base.diffusion_model
+    replace = transformer_options.get("patches_replace", {})
     groups = [("input", i, b) for i, b in enumerate(getattr(unet, "input_blocks", []))]
     if getattr(unet, "middle_block", None) is not None:
         groups.append(("middle", 0, unet.middle_block))
     groups += [("output", i, b) for i, b in enumerate(getattr(unet, "output_blocks", []))]
     count = 0
     for name, number, block in groups:
-        for layer in block.modules() if isinstance(block, torch.nn.Module) else ():
-            if type(layer).__name__ != "SpatialTransformer":  # not SpatialVideoTransformer: temporal blocks differ
+        if not any(type(m).__name__ == "SpatialTransformer" for m in block.modules()):
+            continue  # (SpatialVideoTransformer, whose temporal blocks differ, is deliberately not matched)
+        for attn, setter in (("attn1", patcher.set_model_attn1_replace), ("attn2", patcher.set_model_attn2_replace)):
+            existing = replace.get(attn, {})
+            if any(key[:2] == (name, number) for key in existing):
                 continue
-            for index, tb in enumerate(getattr(layer, "transformer_blocks", [])):
-                for attn, setter in (("attn1", patcher.set_model_attn1_replace),
-                                     ("attn2", patcher.set_model_attn2_replace)):
-                    if getattr(tb, attn, None) is None:
-                        continue
-                    existing = replace.get(attn, {})
-                    if (name, number) in existing or (name, number, index) in existing:
-                        continue
-                    setter(_fused_attention_patch, name, number, index)
-                    count += 1
+            # Keyed by (block, number) without transformer_index: a later, more specific patch of another node
+            # (block, number, index) takes precedence in the host's lookup, and a later (block, number) one
+            # replaces this one - a patch added after ours always wins.
+            setter(_fused_attention_patch, name, number)
+            count += 1
     return count
 
 
@@ -247,7 +254,9 @@ def use_fused_text_attention(clip_patcher) -> int:
         return 0
     count = 0
     for name, mod in clip_patcher.model.named_modules():
-        if type(mod).__name__ != "CLIPAttention" or "optimized_attention" not in inspect.signature(type(mod).forward).parameters:
+        if type(mod).__name__ != "CLIPAttention":
+            continue
+        if "optimized_attention" not in inspect.signature(type(mod).forward).parameters:
             continue
 
         def fn(base, x, mask=None, optimized_attention=None, *args, **kwargs):

@@ -38,7 +38,12 @@ def test_workflow_over_http(host, comfy_server, ckpt_sd15, demo_subject_folder):
                        host.nodes.NODE_CLASS_MAPPINGS)
     prompt["3"]["inputs"]["steps"] = 3
     prompt["3"]["inputs"]["lora_name"] = "http_demo_lora"
-    entry = comfy_server.wait(comfy_server.submit(prompt), timeout=600)
+    try:
+        entry = comfy_server.wait(comfy_server.submit(prompt), timeout=600)
+    finally:
+        # The server process writes into the first loras folder it knows, which may be the host tree's own.
+        for folder in (host.path / "models" / "loras", host.model_folder("loras")):
+            (folder / "http_demo_lora.safetensors").unlink(missing_ok=True)
     assert entry["status"]["status_str"] == "success", entry["status"]
     saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert saved

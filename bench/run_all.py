@@ -1,0 +1,60 @@
+"""Entry point of ``make bench``: install the benchmark-only requirements once, then run every benchmark.
+
+Run with the venv's python from the repository root (``make bench`` does: ``COMFYUI_PATH=<host> .venv/bin/python
+bench/run_all.py``). Arguments are passed to each benchmark (e.g. ``--latents 8 --rounds 4`` for a quick look).
+
+requirements-bench.txt is installed into the running interpreter's environment the first time, and again whenever
+the file changes (a stamp named after its hash is kept in ``sys.prefix``); torch is held at the version the venv
+was built with through ``<venv>/torch-constraints.txt`` when that file exists. Each benchmark runs in its own
+process, because ComfyUI can be booted only once per process.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIREMENTS = REPO / "requirements-bench.txt"
+BENCHMARKS = ["bench/bench_training.py"]
+
+
+def ensure_requirements() -> None:
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:16]
+    stamp = Path(sys.prefix) / f".stamp-bench-{digest}"
+    if stamp.exists():
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-r", str(REQUIREMENTS)]
+    constraints = Path(sys.prefix) / "torch-constraints.txt"
+    if constraints.is_file():
+        cmd += ["-c", str(constraints)]
+    print("installing benchmark requirements:", " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"could not install {REQUIREMENTS.name}; the benchmark needs diffusers and peft")
+    try:
+        stamp.touch()
+    except OSError:  # read-only environment: install again next time (pip is fast when satisfied)
+        pass
+
+
+def main(argv: list[str]) -> int:
+    os.chdir(REPO)
+    ensure_requirements()
+    rc = 0
+    for bench in BENCHMARKS:
+        t0 = time.perf_counter()
+        print(f"=== {bench}", flush=True)
+        env = dict(os.environ)
+        # torch's profiler (used for the memory column) warns once about blocks allocated before it started
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        r = subprocess.run([sys.executable, bench, *argv], env=env)
+        print(f"=== {bench}: exit {r.returncode} after {time.perf_counter() - t0:.0f} s", flush=True)
+        rc = rc or r.returncode
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
