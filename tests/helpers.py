@@ -67,7 +67,9 @@ def unet_output(model, latents, cond, sigma: float = 2.0, seed: int = 7) -> torc
         x = model.model.process_latent_in(latents.float())
         x = x + sigma * torch.randn(x.shape, generator=g)
         s = torch.full((x.shape[0],), sigma)
-        return model.model.apply_model(x, s, c_crossattn=cond.expand(x.shape[0], -1, -1)).clone()
+        opts = dict(model.model_options.get("transformer_options", {}))  # attention patches, as a sampler passes
+        return model.model.apply_model(x, s, c_crossattn=cond.expand(x.shape[0], -1, -1),
+                                       transformer_options=opts).clone()
 
 
 def module_forward_is_clean(root: torch.nn.Module) -> bool:

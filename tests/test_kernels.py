@@ -95,3 +95,18 @@ def test_conditioning_rows_replace_the_tail_and_train_only_the_rows(host):
     with torch.no_grad():
         rows.rows.add_(1.0)
     assert float(rows.regularisation()) == pytest.approx(1.0)
+
+
+def test_masked_attention_matches_naive_causal(K):
+    """The causal mask CLIP passes (additive -inf above the diagonal) gives the naive masked softmax."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 7, 8, generator=g) for _ in range(3))
+    mask = torch.full((7, 7), float("-inf")).triu_(1)
+    ref = torch.empty_like(q)
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        w = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / 2.0 + mask, -1)
+        ref[..., sl] = w @ v[..., sl]
+    torch.testing.assert_close(K.attention(q, k, v, 2, mask=mask), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.attention_reference(q, k, v, 2, mask=mask), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.attention(q, k, v, 2, mask=mask == 0), ref, rtol=1e-5, atol=1e-5)

@@ -99,3 +99,25 @@ def test_loss_goes_down_with_prior_preservation(host, sd15, subject, unique_name
                        class_prompt="a photo of a dog", class_images=class_images, prior_loss_weight=0.5)[0]
     after = eps_loss_reference(out_model, latents, cond, timesteps=ts)
     assert after < before * 0.99, (before, after)
+
+
+def test_training_graph_patches_match_host_forward(host, sd15, subject):
+    """The training clone's patches (out-of-place blocks, fused CPU attention) compute the same UNet output as
+    the host's own forward, and every attention layer got the fused patch."""
+    import comfy.model_management as mm
+    from helpers import pack_module
+    model, clip, vae = sd15
+    tuning = pack_module(host, "core.tuning")
+    images, _ = subject
+    latents = call_node("VAEEncode", pixels=images, vae=vae)[0]["samples"]
+    cond = encode(clip, "a photo of sks dog")
+    plain = unet_output(model, latents, cond)
+    with tuning.TrainingSession(model) as s:
+        replace = s.model.model_options["transformer_options"].get("patches_replace", {})
+        n_attn = sum(1 for m in model.model.diffusion_model.modules() if type(m).__name__ == "BasicTransformerBlock")
+        assert len(replace.get("attn1", {})) == len(replace.get("attn2", {})) == n_attn > 0
+        s.load()
+        with torch.no_grad():
+            patched = unet_output(s.model, latents, cond)
+    torch.testing.assert_close(patched, plain, rtol=1e-4, atol=1e-4)
+    mm.load_models_gpu([model])
