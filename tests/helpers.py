@@ -83,3 +83,20 @@ def module_forward_is_clean(root: torch.nn.Module) -> bool:
 
 
 
+
+
+def train_embedding(models, images, name, **overrides):
+    """Run Train Subject Embedding with small test defaults (``overrides`` replace any input)."""
+    model, clip, vae = models
+    args = dict(model=model, clip=clip, vae=vae, images=images, placeholder="sks", init_word="dog", steps=2,
+                learning_rate=5e-3, batch_size=1, seed=0, embedding_name=name, overwrite=False)
+    return call_node("PersonalizeTrainSubjectEmbedding", **{**args, **overrides})
+
+
+def train_lora(models, images, name, **overrides):
+    """Run Train Subject LoRA with small test defaults (``overrides`` replace any input)."""
+    model, clip, vae = models
+    args = dict(model=model, clip=clip, vae=vae, images=images, instance_prompt="a photo of sks dog", rank=4,
+                steps=2, learning_rate=1e-2, batch_size=1, seed=0, layers="attention", train_text_encoder=False,
+                lora_name=name, overwrite=False)
+    return call_node("PersonalizeTrainSubjectLoRA", **{**args, **overrides})

@@ -4,25 +4,17 @@ import types
 import pytest
 import torch
 
-from helpers import call_node, encode, module_forward_is_clean, pack_module, unet_output
+from helpers import call_node, encode, module_forward_is_clean, pack_module, train_embedding, train_lora, unet_output
 
 TI = "PersonalizeTrainSubjectEmbedding"
-LORA = "PersonalizeTrainSubjectLoRA"
 
 
 def _ti(model, clip, vae, images, name, **kw):
-    args = dict(model=model, clip=clip, vae=vae, images=images, placeholder="sks", init_word="dog", steps=2,
-                learning_rate=5e-3, batch_size=1, seed=0, embedding_name=name, overwrite=False)
-    args.update(kw)
-    return call_node(TI, **args)
+    return train_embedding((model, clip, vae), images, name, **kw)
 
 
 def _lora(model, clip, vae, images, name, **kw):
-    args = dict(model=model, clip=clip, vae=vae, images=images, instance_prompt="a photo of sks dog", rank=2,
-                steps=2, learning_rate=1e-3, batch_size=1, seed=0, layers="attention", train_text_encoder=False,
-                lora_name=name, overwrite=False)
-    args.update(kw)
-    return call_node(LORA, **args)
+    return train_lora((model, clip, vae), images, name, **{"rank": 2, "learning_rate": 1e-3, **kw})
 
 
 @pytest.fixture

@@ -3,23 +3,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import call_node, encode
+from helpers import call_node, encode, train_embedding, train_lora
 
 pytestmark = pytest.mark.slow
 
 
 def _ti(models, images, name):
-    model, clip, vae = models
-    return call_node("PersonalizeTrainSubjectEmbedding", model=model, clip=clip, vae=vae, images=images,
-                     placeholder="sks", init_word="dog", steps=2, learning_rate=5e-2, batch_size=1, seed=0,
-                     embedding_name=name, overwrite=False)
+    return train_embedding(models, images, name, learning_rate=5e-2)
 
 
-def _lora(models, images, name, te=True):
-    model, clip, vae = models
-    return call_node("PersonalizeTrainSubjectLoRA", model=model, clip=clip, vae=vae, images=images,
-                     instance_prompt="a photo of sks dog", rank=2, steps=2, learning_rate=1e-2, batch_size=1,
-                     seed=0, layers="attention", train_text_encoder=te, lora_name=name, overwrite=False)
+def _lora(models, images, name):
+    return train_lora(models, images, name, rank=2, train_text_encoder=True)
 
 
 def _check(host, models, images, name, widths):

@@ -1,17 +1,10 @@
 """Train Subject LoRA (DreamBooth-LoRA) on the generated SD1.5 fixture."""
 import torch
 
-from helpers import call_node, encode, eps_loss_reference, unet_output
-
-NODE = "PersonalizeTrainSubjectLoRA"
-
+from helpers import call_node, encode, eps_loss_reference, train_lora, unet_output
 
 def _train(model, clip, vae, images, name, **kw):
-    args = dict(model=model, clip=clip, vae=vae, images=images, instance_prompt="a photo of sks dog", rank=4,
-                steps=3, learning_rate=1e-2, batch_size=1, seed=0, layers="attention", train_text_encoder=False,
-                lora_name=name, overwrite=False)
-    args.update(kw)
-    return call_node(NODE, **args)
+    return train_lora((model, clip, vae), images, name, **{"steps": 3, **kw})
 
 
 def _bypass_reference(model, lora_sd, latents, cond):

@@ -1,17 +1,10 @@
 """Train Subject Embedding (Textual Inversion) on the generated SD1.5 fixture."""
-import pytest
 import torch
 
-from helpers import call_node, encode, eps_loss_reference, pack_module
-
-NODE = "PersonalizeTrainSubjectEmbedding"
-
+from helpers import call_node, encode, eps_loss_reference, pack_module, train_embedding
 
 def _train(model, clip, vae, images, name, **kw):
-    args = dict(model=model, clip=clip, vae=vae, images=images, placeholder="sks", init_word="dog", steps=3,
-                learning_rate=5e-3, batch_size=1, seed=0, embedding_name=name, overwrite=False)
-    args.update(kw)
-    return call_node(NODE, **args)
+    return train_embedding((model, clip, vae), images, name, **{"steps": 3, **kw})
 
 
 def _embedding_file(host, name):
