@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 #: Name of the symlink (and so, in the 2024 tree, of the module) under the temporary custom_nodes directory.
 PACK_LINK_NAME = "comfyui_personalize"
 #: Model folders that always exist under ``models_dir`` (created empty if missing).
-STANDARD_MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "vae", "clip_vision")
+STANDARD_MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "vae", "clip_vision", "personalize_subjects")
 #: Files and folders every ComfyUI tree has; used to validate ``comfyui_path``.
 _REQUIRED_HOST_ENTRIES = ("main.py", "nodes.py", "execution.py", "folder_paths.py", "comfy")
 
