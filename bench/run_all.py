@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIREMENTS = REPO / "requirements-bench.txt"
-BENCHMARKS = ["bench/bench_training.py"]
+BENCHMARKS = ["bench/bench_training.py", "bench/bench_hifi.py"]
 
 
 def ensure_requirements() -> None:

@@ -15,6 +15,7 @@ that clone is loaded and is removed by ComfyUI's own unpatching (identical in th
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import inspect
 import logging
@@ -114,6 +115,39 @@ def make_unet_differentiable(patcher) -> int:
     return add_out_of_place_patches(patcher, "diffusion_model", ("BasicTransformerBlock",), ("_forward", "forward"))
 
 
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def unet_differentiable_during(base_model):
+    """For code that differentiates through a model it does not own - the MODEL a stock sampler is running, where
+    no object patch can be added any more - set the out-of-place ``BasicTransformerBlock`` methods as instance
+    attributes for the duration of the ``with`` block (the forward pass; backward needs only the graph it built),
+    then restore what was there. Blocks that carry someone's object patch are left alone."""
+    added = []
+    try:
+        for mod in base_model.diffusion_model.modules():
+            if type(mod).__name__ != "BasicTransformerBlock":
+                continue
+            method = next((m for m in ("_forward", "forward") if m in vars(type(mod))), None)
+            fn = out_of_place_version(getattr(type(mod), method)) if method else None
+            if fn is None:
+                continue
+            existing = vars(mod).get(method, _MISSING)
+            # ModelPatcher's unpatching leaves the class's own method bound to the instance: not a patch.
+            if existing is not _MISSING and getattr(existing, "__func__", None) is not getattr(type(mod), method):
+                continue
+            setattr(mod, method, types.MethodType(fn, mod))
+            added.append((mod, method, existing))
+        yield len(added)
+    finally:
+        for mod, method, existing in added:
+            if existing is _MISSING:
+                delattr(mod, method)
+            else:
+                setattr(mod, method, existing)
+
+
 def make_text_encoder_differentiable(clip_patcher) -> int:
     return add_out_of_place_patches(clip_patcher, "", ("CLIPLayer",), ("forward",))
 
@@ -185,6 +219,34 @@ def _fused_attention_patch(q, k, v, extra_options):
     return host_attention.optimized_attention(q, k, v, heads)
 
 
+def transformer_blocks(unet) -> list[tuple[str, int]]:
+    """The ``(block, number)`` keys - as attention replace patches are keyed - of the UNet blocks that hold a
+    ``SpatialTransformer`` (SpatialVideoTransformer, whose temporal blocks differ, is deliberately not matched)."""
+    groups = [("input", i, b) for i, b in enumerate(getattr(unet, "input_blocks", []))]
+    if getattr(unet, "middle_block", None) is not None:
+        groups.append(("middle", 0, unet.middle_block))
+    groups += [("output", i, b) for i, b in enumerate(getattr(unet, "output_blocks", []))]
+    return [(name, number) for name, number, block in groups
+            if any(type(m).__name__ == "SpatialTransformer" for m in block.modules())]
+
+
+def with_fused_attention(transformer_options: dict, unet, x: torch.Tensor) -> dict:
+    """A copy of per-call ``transformer_options`` whose attention uses fused SDPA in every transformer block that
+    has no replace patch of its own - :func:`use_fused_attention` for a call the pack makes on a MODEL it does not
+    own (e.g. inside a stock sampler). Same CPU/float32 rule; otherwise the options come back unchanged."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or "optimized_attention_override" in transformer_options:
+        return transformer_options
+    out = dict(transformer_options)
+    replace = {k: dict(v) for k, v in out.get("patches_replace", {}).items()}
+    for attn in ("attn1", "attn2"):
+        existing = replace.setdefault(attn, {})
+        for name, number in transformer_blocks(unet):
+            if not any(key[:2] == (name, number) for key in existing):
+                existing[(name, number)] = _fused_attention_patch
+    out["patches_replace"] = replace
+    return out
+
+
 def use_fused_attention(patcher) -> int:
     """Make the UNet's self- and cross-attention use PyTorch's fused SDPA while ``patcher`` trains on the CPU.
 
@@ -208,16 +270,9 @@ def use_fused_attention(patcher) -> int:
     transformer_options = patcher.model_options.get("transformer_options", {})
     if "optimized_attention_override" in transformer_options:
         return 0
-    unet = base.diffusion_model
     replace = transformer_options.get("patches_replace", {})
-    groups = [("input", i, b) for i, b in enumerate(getattr(unet, "input_blocks", []))]
-    if getattr(unet, "middle_block", None) is not None:
-        groups.append(("middle", 0, unet.middle_block))
-    groups += [("output", i, b) for i, b in enumerate(getattr(unet, "output_blocks", []))]
     count = 0
-    for name, number, block in groups:
-        if not any(type(m).__name__ == "SpatialTransformer" for m in block.modules()):
-            continue  # (SpatialVideoTransformer, whose temporal blocks differ, is deliberately not matched)
+    for name, number in transformer_blocks(base.diffusion_model):
         for attn, setter in (("attn1", patcher.set_model_attn1_replace), ("attn2", patcher.set_model_attn2_replace)):
             existing = replace.get(attn, {})
             if any(key[:2] == (name, number) for key in existing):

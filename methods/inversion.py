@@ -172,6 +172,7 @@ class NullTextResult:
     residuals: list             # ‖x − x*_{t−1}‖² (mean, VP units) of the optimised step actually taken
     inner_steps_run: list = field(default_factory=list)
     final: torch.Tensor | None = None  # the state the optimised steps reach at sigmas[-1]
+    states: list = field(default_factory=list)  # x_i the optimised steps reach, i = 0..N (x_0 = x*_T, x_N = final)
 
 
 def null_text_optimise(model, trajectory: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sigmas,
@@ -198,6 +199,7 @@ def null_text_optimise(model, trajectory: torch.Tensor, cond: torch.Tensor, unco
     if phi.shape[0] != x.shape[0]:
         phi = phi.expand(x.shape[0], *phi.shape[1:])
     result = NullTextResult([], [], [])
+    result.states.append(x)
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         target = trajectory[n - 1 - i].detach()
@@ -232,6 +234,7 @@ def null_text_optimise(model, trajectory: torch.Tensor, cond: torch.Tensor, unco
         result.losses.append(loss_value)
         result.residuals.append(float((x - target).pow(2).mean()) * scale)
         result.inner_steps_run.append(ran)
+        result.states.append(x)
         progress.tick()
     result.final = x
     return result
@@ -300,6 +303,7 @@ class Inversion:
     cond: torch.Tensor                   # the positive context used
     cfg: float                           # guidance the null-text embeddings were optimised for
     null_embeddings: list | None = None  # ϕ per sampling step, each [B, L, d]; None = plain inversion
+    states: torch.Tensor | None = None   # [N+1, B, C, h, w] the states CFG replay with ϕ_t visits (null-text only)
     losses: list = field(default_factory=list)
     residuals: list = field(default_factory=list)
     seconds: float = 0.0
@@ -408,6 +412,7 @@ def invert_image(model, positive: list, negative: list, latent: dict, sigmas: to
     inv = Inversion(sigmas=sigmas.detach().float().cpu(), trajectory=traj.detach().to(out),
                     cond=positive[0][0].detach().clone(), cfg=float(cfg),
                     null_embeddings=[e.to(out) for e in result.embeddings] if result else None,
+                    states=torch.stack(result.states).detach().to(out) if result else None,
                     losses=result.losses if result else [], residuals=result.residuals if result else [],
                     seconds=time.perf_counter() - t0)
     if result:

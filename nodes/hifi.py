@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..core.host import PersonalizeError
-from ..methods import hifi_tuner
+from ..methods import hifi_tuner, reference_guidance, subject_replace
 from . import sockets as S
 
 SUBJECT = "HIFI_SUBJECT"
@@ -144,13 +144,130 @@ class HiFiLoadSubject:
         return (hifi_tuner.load_subject(subject_file_name or subject_file),)
 
 
+class HiFiReferenceGuidedSampler:
+    DESCRIPTION = ("HiFi Tuner reference-guided generation (Algorithm 2): a SAMPLER for SamplerCustom (or "
+                   "SamplerCustomAdvanced) that pulls the subject region of the image toward a reference photo. "
+                   "Workflow: sample once without it, segment the subject of that image (generated_mask), then "
+                   "sample again with this sampler, the same seed, SIGMAS and cfg. The reference is aligned to the "
+                   "generated mask (similarity transform), inverted, pasted into the region at t_start, and the "
+                   "negative-prompt embedding of the region is optimised from t_start to t_end.")
+    CATEGORY = S.CATEGORY + "/hifi_tuner"
+    FUNCTION = "build"
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("Deterministic DDIM sampler with reference guidance; use with the SIGMAS given here.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model you sample with (the reference is inverted with it)."}),
+                "vae": ("VAE",),
+                "subject": (SUBJECT, {"tooltip": "The HiFi subject; its rows go into the reference caption's tail "
+                                                 "for the inversion."}),
+                "reference_conditioning": ("CONDITIONING", {
+                    "tooltip": "A caption of the reference photos (paper: BLIP-2), e.g. 'a photo of a dog'."}),
+                "sigmas": ("SIGMAS", {"tooltip": "The schedule you sample with (the same SIGMAS into SamplerCustom)."}),
+                "reference_images": ("IMAGE", {"tooltip": "Photos of the subject (e.g. the training photos)."}),
+                "reference_masks": ("MASK", {"tooltip": "The subject's mask in each reference photo."}),
+                "generated_mask": ("MASK", {"tooltip": "The subject's mask in the first, unguided image (paper: "
+                                                       "Grounding SAM), at the generated image's size."}),
+                "t_start": ("INT", {"default": 40, "min": 1, "max": 999,
+                                    "tooltip": "Step (counted down from the number of steps) at which the reference "
+                                               "is pasted and guidance starts (paper: 40 of 50)."}),
+                "t_end": ("INT", {"default": 10, "min": 1, "max": 999,
+                                  "tooltip": "Last guided step, counted down (paper: 10 of 50)."}),
+                "inner_steps": ("INT", {"default": 10, "min": 0, "max": 100,
+                                        "tooltip": "Adam steps on the null-text embedding per guided step (paper "
+                                                   "J = 10): more follows the reference closer, fewer varies more."}),
+                "learning_rate": ("FLOAT", {"default": 1e-2, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": False,
+                                            "tooltip": "Adam learning rate of the null-text embedding (paper 1e-2)."}),
+            },
+            "optional": {
+                "reference_index": ("INT", {"default": 0, "min": 0, "max": 63,
+                                            "tooltip": "Which reference to use when no CLIP vision model chooses."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "Chooses the reference most similar to generated_image "
+                                                           "(the paper uses DINO for this)."}),
+                "generated_image": ("IMAGE", {"tooltip": "The first, unguided image (for the CLIP vision choice)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def build(self, model, vae, subject, reference_conditioning, sigmas, reference_images, reference_masks,
+              generated_mask, t_start, t_end, inner_steps, learning_rate, reference_index=0, clip_vision=None,
+              generated_image=None, unique_id=None):
+        guidance = reference_guidance.prepare_guidance(
+            model, vae, reference_conditioning, subject, sigmas, reference_images, reference_masks, generated_mask,
+            t_start=t_start, t_end=t_end, inner_steps=inner_steps, lr=learning_rate,
+            reference_index=reference_index, clip_vision=clip_vision, generated_image=generated_image,
+            node_id=unique_id)
+        return (reference_guidance.reference_guided_sampler(guidance),)
+
+
+class HiFiSubjectReplace:
+    DESCRIPTION = ("HiFi Tuner subject replacement (Algorithm 3): replaces the subject of a photo by your HiFi subject "
+                   "and keeps the rest. The photo is inverted with null-text inversion under its caption; then it is "
+                   "regenerated with the source word swapped for the subject's class word and the subject rows in the "
+                   "prompt, reusing the photo's cross-attention maps for every other word (prompt-to-prompt), and "
+                   "keeping the photo outside the mask.")
+    CATEGORY = S.CATEGORY + "/hifi_tuner"
+    FUNCTION = "replace"
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("image", "latent")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "clip": ("CLIP",),
+                "vae": ("VAE",),
+                "image": ("IMAGE", {"tooltip": "The photo (one image; sides a multiple of 8)."}),
+                "mask": ("MASK", {"tooltip": "Mask of the subject to replace (the area allowed to change)."}),
+                "caption": ("STRING", {"default": "a photo of a cat on a sofa", "multiline": False,
+                                       "tooltip": "A caption of the photo (paper: BLIP-2) that names the subject."}),
+                "source_word": ("STRING", {"default": "cat", "tooltip": "The caption's word for the subject to replace."}),
+                "target_word": ("STRING", {"default": "dog", "tooltip": "Your subject's class word (same word: only "
+                                                                       "the subject rows change)."}),
+                "sigmas": ("SIGMAS", {"tooltip": "Schedule of inversion and regeneration (BasicScheduler; "
+                                                 "ddim_uniform with the subject's sampling_steps hits its step-wise "
+                                                 "rows exactly)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "null_text_steps": ("INT", {"default": 10, "min": 1, "max": 1000,
+                                            "tooltip": "Null-text optimisation steps per sampling step (K; "
+                                                       "UNCONFIRMED in the paper, null-text inversion uses 10)."}),
+                "learning_rate": ("FLOAT", {"default": 1e-2, "min": 1e-6, "max": 1.0, "step": 1e-4, "round": False}),
+                "cross_replace": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.05,
+                                            "tooltip": "Fraction of the steps (from the start) that reuse the photo's "
+                                                       "cross-attention maps (prompt-to-prompt's default 0.8; the "
+                                                       "paper does not say, UNCONFIRMED)."}),
+            },
+            "optional": {
+                "subject": (SUBJECT, {"tooltip": "The HiFi subject; without it the class word alone is swapped in."}),
+                "use_stepwise": ("BOOLEAN", {"default": True, "tooltip": "Use the subject's per-timestep rows."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def replace(self, model, clip, vae, image, mask, caption, source_word, target_word, sigmas, cfg, null_text_steps,
+                learning_rate, cross_replace, subject=None, use_stepwise=True, unique_id=None):
+        return subject_replace.replace_subject(
+            model, clip, vae, image, mask, caption, source_word, target_word, subject, sigmas, cfg=cfg,
+            null_text_steps=null_text_steps, learning_rate=learning_rate, cross_replace=cross_replace,
+            use_stepwise=use_stepwise, node_id=unique_id)
+
+
 NODE_CLASS_MAPPINGS = {
     "PersonalizeHiFiSubjectTune": HiFiSubjectTune,
     "PersonalizeHiFiSubjectConditioning": HiFiSubjectConditioning,
     "PersonalizeHiFiLoadSubject": HiFiLoadSubject,
+    "PersonalizeHiFiReferenceGuidedSampler": HiFiReferenceGuidedSampler,
+    "PersonalizeHiFiSubjectReplace": HiFiSubjectReplace,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PersonalizeHiFiSubjectTune": "HiFi Subject Tune",
     "PersonalizeHiFiSubjectConditioning": "HiFi Subject Conditioning",
     "PersonalizeHiFiLoadSubject": "HiFi Load Subject",
+    "PersonalizeHiFiReferenceGuidedSampler": "HiFi Reference-Guided Sampler",
+    "PersonalizeHiFiSubjectReplace": "HiFi Subject Replace",
 }

@@ -1,0 +1,592 @@
+"""Seeded procedural 64×64 images of simple subjects (shape, colour, pattern) in textured scenes.
+
+Every image is a pure function of ``(subject, scene, seed)`` (plus an optional explicit pose): the seed feeds one
+CPU ``torch.Generator`` per sample that draws the pose and all noise fields, so equal seeds give bit-identical
+images whether a sample is rendered alone or inside a batch.
+
+Rendering: the subject's inside-test is evaluated in a rotated, scaled local frame on a 4× supersampled grid and
+average-pooled to 64×64 (anti-aliased coverage). Patterns live in the same local frame, so they move, scale and
+rotate with the subject. A light gradient, per-pixel texture noise and a soft drop shadow keep it from looking flat.
+Backgrounds are procedural textures rendered directly at 64×64.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IMAGE_SIZE = 64
+SUPERSAMPLE = 4
+SCALE_RANGE = (10.0, 21.0)
+"""Half-size of a subject in pixels: every shape fits in a disc of this radius (bounding size ≈ 18–40 px)."""
+MAX_ROTATION = math.pi / 6
+"""Random poses rotate by at most ±30° so that orientation-bearing shapes (heart, triangle, cross) stay upright."""
+MIN_PATTERN_CONTRAST = 0.55
+"""Smallest RGB distance between a subject's colour and its pattern colour."""
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "ring", "hexagon", "moon")
+COLOUR_RGB: dict[str, tuple[float, float, float]] = {
+    "red": (0.86, 0.08, 0.08),
+    "orange": (1.0, 0.55, 0.0),
+    "yellow": (1.0, 0.9, 0.1),
+    "green": (0.12, 0.8, 0.2),
+    "blue": (0.12, 0.28, 0.95),
+    "purple": (0.55, 0.15, 0.78),
+    "pink": (1.0, 0.5, 0.78),
+    "white": (0.97, 0.97, 0.97),
+    "black": (0.06, 0.06, 0.06),
+    "cyan": (0.1, 0.88, 0.92),
+}
+COLOURS = tuple(COLOUR_RGB)
+PATTERNS = ("plain", "striped", "dotted", "checkered")
+SCENE_PHRASES: dict[str, str] = {
+    "grass": "on the grass",
+    "sand": "on the beach",
+    "snow": "in the snow",
+    "water": "on the water",
+    "brick": "in front of a brick wall",
+    "night": "under the night sky",
+}
+SCENES = tuple(SCENE_PHRASES)
+
+_NUM_PARAMS = 8  # uniform per-sample scene parameters (phases, offsets)
+_NOISE_SHAPES = {"fine": (IMAGE_SIZE, IMAGE_SIZE), "texture": (IMAGE_SIZE, IMAGE_SIZE), "coarse": (8, 8)}
+
+
+# --------------------------------------------------------------------------------------------------- vocabulary
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def pattern_colours(colour: str) -> tuple[str, ...]:
+    """Colours allowed as the second (pattern) colour of a ``colour`` subject: the ones that contrast with it."""
+    return _PATTERN_COLOURS[colour]
+
+
+_PATTERN_COLOURS = {
+    colour: tuple(c for c in COLOURS if c != colour and math.dist(rgb, COLOUR_RGB[c]) >= MIN_PATTERN_CONTRAST)
+    for colour, rgb in COLOUR_RGB.items()
+}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A subject: a shape in a colour, optionally patterned with a second colour.
+
+    Identity (equality, hashing) is ``(shape, colour, pattern, pattern_colour)``; ``pattern_colour`` is ``None``
+    for plain subjects. ``texture`` is the standard deviation of the per-pixel brightness noise on the subject.
+    The name (and caption) does not mention the pattern colour: it is a detail only the images carry.
+    """
+
+    shape: str
+    colour: str
+    pattern: str = "plain"
+    pattern_colour: str | None = None
+    texture: float = field(default=0.04, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES or self.colour not in COLOURS or self.pattern not in PATTERNS:
+            raise ValueError(f"unknown shape/colour/pattern in {self!r}")
+        if (self.pattern == "plain") != (self.pattern_colour is None):
+            raise ValueError(f"pattern_colour must be None exactly for plain subjects: {self!r}")
+        if self.pattern_colour is not None and self.pattern_colour not in pattern_colours(self.colour):
+            raise ValueError(f"pattern colour {self.pattern_colour!r} does not contrast with {self.colour!r}")
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """Caption words, e.g. ``("striped", "blue", "star")``; plain subjects omit the pattern word."""
+        prefix = () if self.pattern == "plain" else (self.pattern,)
+        return (*prefix, self.colour, self.shape)
+
+    @property
+    def name(self) -> str:
+        """E.g. ``"striped blue star"``."""
+        return " ".join(self.words)
+
+    @property
+    def class_word(self) -> str:
+        """The subject's class noun (its shape word), used in class prompts: ``"star"``."""
+        return self.shape
+
+    @property
+    def identity(self) -> tuple[str, str, str, str | None]:
+        return (self.shape, self.colour, self.pattern, self.pattern_colour)
+
+
+def caption(subject: Subject, scene: str) -> str:
+    """``"a photo of an orange heart on the beach"``."""
+    return f"a photo of {_article(subject.name)} {subject.name} {SCENE_PHRASES[scene]}"
+
+
+def class_prompt(class_word: str, scene: str, token: str | None = None) -> str:
+    """``"a photo of a star on the beach"``, or with a token ``"a photo of a <tok> star on the beach"``."""
+    noun = class_word if token is None else f"{token} {class_word}"
+    return f"a photo of {_article(noun)} {noun} {SCENE_PHRASES[scene]}"
+
+
+# --------------------------------------------------------------------------------------------------- samples
+
+
+@dataclass(frozen=True)
+class Pose:
+    """Subject placement in pixel units: centre ``(x, y)`` (image spans [0, 64]), half-size, rotation (radians)."""
+
+    x: float
+    y: float
+    scale: float
+    rotation: float
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One rendered image. ``image`` is float32 [64, 64, 3] in [0, 1] (ComfyUI IMAGE layout); ``mask`` float32
+    [64, 64] is the subject's pixel coverage; ``box`` = (x0, y0, x1, y1), end-exclusive, bounds ``mask > 0.5``."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    box: tuple[int, int, int, int]
+    caption: str
+    subject: Subject
+    scene: str
+    pose: Pose
+    seed: int
+
+
+@dataclass(frozen=True, eq=False)
+class SampleBatch:
+    """A batch of samples: ``images`` [B, 64, 64, 3], ``masks`` [B, 64, 64], ``boxes`` int64 [B, 4]."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    captions: list[str]
+    subjects: list[Subject]
+    scenes: list[str]
+    poses: list[Pose]
+    seeds: list[int]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> Sample:
+        return Sample(
+            image=self.images[i], mask=self.masks[i], box=tuple(self.boxes[i].tolist()), caption=self.captions[i],
+            subject=self.subjects[i], scene=self.scenes[i], pose=self.poses[i], seed=self.seeds[i],
+        )
+
+
+# --------------------------------------------------------------------------------------------------- shapes
+# Inside-tests in the local frame (u right, v up, units of the subject's half-size); every shape fits in r <= 1.
+
+
+def _circle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return u * u + v * v <= 0.9**2
+
+
+def _square(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(u.abs(), v.abs()) <= 0.68
+
+
+def _triangle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Equilateral, pointing up, circumradius 1."""
+    c = math.cos(math.pi / 6)
+    return (v >= -0.5) & (c * u.abs() + 0.5 * v <= 0.5)
+
+
+def _star(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Five-pointed star (pentagram outline), pointing up, outer radius 1: inside at least 4 of its 5 lines."""
+    count = torch.zeros(u.shape, dtype=torch.uint8)
+    for k in range(5):
+        angle = math.radians(162 + 72 * k)
+        count += (math.cos(angle) * u + math.sin(angle) * v) <= math.cos(math.radians(72))
+    return count >= 4
+
+
+def _heart(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The classic implicit heart (x² + y² − 1)³ ≤ x² y³, scaled and shifted to fit the unit disc."""
+    x, y = 1.28 * u, 1.28 * v + 0.12
+    q = x * x + y * y - 1
+    return q * q * q <= x * x * y * y * y
+
+
+def _diamond(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return u.abs() / 0.6 + v.abs() / 0.98 <= 1
+
+
+def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    a, b = u.abs(), v.abs()
+    return (torch.minimum(a, b) <= 0.28) & (torch.maximum(a, b) <= 0.92)
+
+
+def _ring(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    r2 = u * u + v * v
+    return (r2 <= 0.92**2) & (r2 >= 0.52**2)
+
+
+def _hexagon(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Regular hexagon with corners left and right, circumradius 0.95."""
+    apothem = 0.95 * math.cos(math.pi / 6)
+    a, b = math.cos(math.pi / 6) * u.abs(), 0.5 * v.abs()
+    return (v.abs() <= apothem) & (a + b <= apothem)
+
+
+def _moon(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Crescent: a disc minus an offset disc, opening to the upper right."""
+    du, dv = u - 0.4, v - 0.28
+    return (u * u + v * v <= 0.92**2) & (du * du + dv * dv >= 0.72**2)
+
+
+_SHAPE_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "circle": _circle, "square": _square, "triangle": _triangle, "star": _star, "heart": _heart,
+    "diamond": _diamond, "cross": _cross, "ring": _ring, "hexagon": _hexagon, "moon": _moon,
+}
+
+
+# --------------------------------------------------------------------------------------------------- patterns
+# Pattern-colour tests in the same local frame.
+
+
+def _striped(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Stripes across u (vertical when unrotated), period 0.36."""
+    return torch.frac(u / 0.36 + 100.25) < 0.5
+
+
+def _dotted(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dots of radius 0.12 on a 0.42 grid, one at the centre."""
+    fu, fv = torch.frac(u / 0.42 + 100.5) - 0.5, torch.frac(v / 0.42 + 100.5) - 0.5
+    return fu * fu + fv * fv <= (0.12 / 0.42) ** 2
+
+
+def _checkered(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Checkerboard with 0.45 cells."""
+    return (torch.floor(u / 0.45) + torch.floor(v / 0.45)).remainder(2) == 1
+
+
+_PATTERN_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "striped": _striped, "dotted": _dotted, "checkered": _checkered,
+}
+
+
+# --------------------------------------------------------------------------------------------------- scenes
+# Each scene maps noise fields of b samples (fine [b,64,64] and coarse [b,8,8] standard normals, params [b,8]
+# uniforms) to backgrounds [b, 3, 64, 64].
+
+
+def _grid() -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel row and column indices, each [64, 64] float."""
+    idx = torch.arange(IMAGE_SIZE, dtype=torch.float32)
+    return idx[:, None].expand(IMAGE_SIZE, IMAGE_SIZE), idx[None, :].expand(IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _rgb(values: tuple[float, float, float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def _smooth(coarse: torch.Tensor) -> torch.Tensor:
+    """Coarse noise [b, 8, 8] bilinearly upsampled to a soft field [b, 1, 64, 64]."""
+    return F.interpolate(coarse[:, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+
+
+def _grass(fine: torch.Tensor, coarse: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Green with vertical blade streaks (fine noise smeared vertically), lighter towards the bottom."""
+    blades = 3.0 * F.avg_pool2d(fine[:, None], (9, 1), stride=1, padding=(4, 0), count_include_pad=False)
+    rows, _ = _grid()
+    light = 0.85 + 0.3 * rows / IMAGE_SIZE + 0.08 * _smooth(coarse)
+    return _rgb((0.24, 0.48, 0.15)) * (light + 0.22 * blades)
+
+
+def _sand(fine: torch.Tensor, coarse: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Beige with fine grey speckle and faint diagonal ripples."""
+    rows, cols = _grid()
+    phase = 2 * math.pi * params[:, 0].view(-1, 1, 1, 1)
+    ripples = torch.sin(0.55 * rows + 0.25 * cols + phase)
+    return _rgb((0.88, 0.79, 0.57)) * (1 + 0.03 * ripples + 0.04 * _smooth(coarse)) + 0.07 * fine[:, None]
+
+
+def _snow(fine: torch.Tensor, coarse: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """White to light blue with soft low-frequency shading."""
+    soft = _smooth(coarse)
+    return _rgb((0.9, 0.93, 0.98)) + _rgb((0.035, 0.03, 0.015)) * soft + 0.012 * fine[:, None]
+
+
+def _water(fine: torch.Tensor, coarse: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Blue with bright horizontal wave crests that wobble slightly along x."""
+    rows, cols = _grid()
+    p0 = 2 * math.pi * params[:, 0].view(-1, 1, 1, 1)
+    p1 = 2 * math.pi * params[:, 1].view(-1, 1, 1, 1)
+    waves = torch.sin(0.9 * rows + p0 + 0.8 * torch.sin(0.19 * cols + p1))
+    crests = waves.clamp(min=0) ** 4
+    depth = 1.15 - 0.3 * rows / IMAGE_SIZE + 0.06 * _smooth(coarse)
+    return _rgb((0.1, 0.32, 0.68)) * depth + _rgb((0.3, 0.35, 0.3)) * crests + 0.015 * fine[:, None]
+
+
+def _brick(fine: torch.Tensor, coarse: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Red-brown bricks (16×8 px, alternate rows offset by half) with light mortar lines and per-brick tint."""
+    rows, cols = _grid()
+    y = rows + 8 * params[:, 0].view(-1, 1, 1)
+    row = torch.floor(y / 8)
+    x = cols + 16 * params[:, 1].view(-1, 1, 1) + 8 * row.remainder(2)
+    col = torch.floor(x / 16)
+    mortar = ((y.remainder(8) < 1.5) | (x.remainder(16) < 1.5))[:, None]
+    brick_id = (row.remainder(8) * 8 + col.remainder(8)).long().flatten(1)
+    tint = coarse.flatten(1).gather(1, brick_id).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    bricks = _rgb((0.62, 0.26, 0.17)) * (1 + 0.1 * tint)
+    noise = 0.035 * fine[:, None]
+    return torch.where(mortar, _rgb((0.78, 0.75, 0.7)), bricks) + noise
+
+
+def _night(fine: torch.Tensor, coarse: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Dark blue, lighter towards the horizon, with small bright stars."""
+    rows, _ = _grid()
+    t = rows / IMAGE_SIZE
+    sky = _rgb((0.01, 0.02, 0.1)) * (1 - t) + _rgb((0.05, 0.07, 0.26)) * t
+    stars = (fine[:, None] - 2.5).clamp(min=0, max=0.5) * 2
+    return sky + _rgb((0.95, 0.95, 0.85)) * stars
+
+
+_SCENE_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "grass": _grass, "sand": _sand, "snow": _snow, "water": _water, "brick": _brick, "night": _night,
+}
+
+
+# --------------------------------------------------------------------------------------------------- rendering
+
+
+def _pose_from_uniforms(r: torch.Tensor) -> Pose:
+    """Random pose from 4 uniforms: the subject's enclosing disc lies at least 1 px inside the image."""
+    lo_s, hi_s = SCALE_RANGE
+    scale = lo_s + (hi_s - lo_s) * float(r[0])
+    lo, hi = scale + 1, IMAGE_SIZE - scale - 1
+    return Pose(
+        x=lo + (hi - lo) * float(r[1]), y=lo + (hi - lo) * float(r[2]), scale=scale,
+        rotation=MAX_ROTATION * (2 * float(r[3]) - 1),
+    )
+
+
+def _draw(seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """All random numbers of one sample: pose uniforms [4], scene params [8], named noise fields."""
+    gen = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(4 + _NUM_PARAMS, generator=gen)
+    sizes = [math.prod(s) for s in _NOISE_SHAPES.values()]
+    flat = torch.randn(sum(sizes), generator=gen).split(sizes)
+    noise = {name: t.view(shape) for (name, shape), t in zip(_NOISE_SHAPES.items(), flat)}
+    return uniforms[:4], uniforms[4:], noise
+
+
+def _apply_grouped(fns: dict[str, Callable], keys: Sequence[str], out: torch.Tensor, *args: torch.Tensor) -> None:
+    """``out[i] = fns[keys[i]](*(a[i] for a in args))``, vectorised over the samples sharing a key; samples whose
+    key has no function (the plain pattern) keep their ``out`` values."""
+    for key in dict.fromkeys(keys):
+        if key not in fns:
+            continue
+        idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
+        out[idx] = fns[key](*(a[idx] for a in args)).to(out.dtype)
+
+
+def _local_frame(poses: Sequence[Pose], size: int, step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local coordinates (u right, v up, in half-sizes) of the sample points ``(i + 0.5) * step``: [B, size, size]."""
+    t = (torch.arange(size, dtype=torch.float32) + 0.5) * step
+    cx, cy, s, rot = torch.tensor([[p.x, p.y, p.scale, p.rotation] for p in poses], dtype=torch.float32).unbind(1)
+    cos, sin = (torch.cos(rot) / s).view(-1, 1, 1), (torch.sin(rot) / s).view(-1, 1, 1)
+    dx, dy = (t[None] - cx[:, None])[:, None, :], (t[None] - cy[:, None])[:, :, None]
+    return cos * dx + sin * dy, sin * dx - cos * dy
+
+
+def _coverage(subjects: Sequence[Subject], poses: Sequence[Pose]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supersampled subject coverage and pattern-colour coverage, each [B, 64, 64] in [0, 1]."""
+    u, v = _local_frame(poses, IMAGE_SIZE * SUPERSAMPLE, 1 / SUPERSAMPLE)
+    inside = torch.zeros(u.shape, dtype=torch.bool)
+    _apply_grouped(_SHAPE_FNS, [s.shape for s in subjects], inside, u, v)
+    marked = torch.zeros(u.shape, dtype=torch.bool)
+    _apply_grouped(_PATTERN_FNS, [s.pattern for s in subjects], marked, u, v)
+    both = torch.stack([inside, marked & inside], dim=1).float()
+    pooled = F.avg_pool2d(both, SUPERSAMPLE)
+    return pooled[:, 0], pooled[:, 1]
+
+
+def _drop_shadow(cover: torch.Tensor) -> torch.Tensor:
+    """Soft shadow [B, 1, 64, 64]: the coverage shifted 2 px down-right and blurred."""
+    shifted = F.pad(cover[:, None], (2, 0, 2, 0))[:, :, :IMAGE_SIZE, :IMAGE_SIZE]
+    return F.avg_pool2d(shifted, 5, stride=1, padding=2, count_include_pad=False)
+
+
+def _boxes(masks: torch.Tensor) -> torch.Tensor:
+    """End-exclusive (x0, y0, x1, y1) of ``mask > 0.5`` for each mask [B, 64, 64]; int64 [B, 4]."""
+    on = masks > 0.5
+    idx = torch.arange(IMAGE_SIZE)
+    cols, rows = on.any(dim=1), on.any(dim=2)
+    big = IMAGE_SIZE + 1
+    x0 = torch.where(cols, idx, big).min(dim=1).values
+    y0 = torch.where(rows, idx, big).min(dim=1).values
+    x1 = torch.where(cols, idx, -1).max(dim=1).values + 1
+    y1 = torch.where(rows, idx, -1).max(dim=1).values + 1
+    return torch.stack([x0, y0, x1, y1], dim=1)
+
+
+def _colour_table(names: Sequence[str]) -> torch.Tensor:
+    """RGB rows [B, 3, 1, 1] of colour ``names``."""
+    return torch.tensor([COLOUR_RGB[n] for n in names], dtype=torch.float32).view(-1, 3, 1, 1)
+
+
+def _shade(poses: Sequence[Pose]) -> torch.Tensor:
+    """Additive light gradient over each subject, brighter at its top-left: [B, 1, 64, 64], about ±0.12."""
+    u, v = _local_frame([Pose(p.x, p.y, p.scale, 0.0) for p in poses], IMAGE_SIZE, 1.0)
+    return (0.085 * (v - u)).clamp(-0.12, 0.12)[:, None]
+
+
+def render_batch(
+    subjects: Sequence[Subject], scenes: Sequence[str], seeds: Sequence[int], poses: Sequence[Pose] | None = None,
+) -> SampleBatch:
+    """Render ``len(seeds)`` samples at once. Sample ``i`` depends only on (subjects[i], scenes[i], seeds[i],
+    poses[i]); without ``poses`` each pose is drawn from its seed (see :func:`sample`)."""
+    if not len(subjects) == len(scenes) == len(seeds) or (poses is not None and len(poses) != len(seeds)):
+        raise ValueError("subjects, scenes, seeds (and poses) must have equal lengths")
+    if any(sc not in SCENE_PHRASES for sc in scenes):
+        raise ValueError(f"unknown scene in {list(scenes)}; known: {SCENES}")
+    draws = [_draw(int(s)) for s in seeds]
+    if poses is None:
+        poses = [_pose_from_uniforms(d[0]) for d in draws]
+    params = torch.stack([d[1] for d in draws])
+    noise = {name: torch.stack([d[2][name] for d in draws]) for name in _NOISE_SHAPES}
+
+    cover, marked = _coverage(subjects, poses)
+    background = torch.empty(len(seeds), 3, IMAGE_SIZE, IMAGE_SIZE)
+    _apply_grouped(_SCENE_FNS, scenes, background, noise["fine"], noise["coarse"], params)
+    background = background * (1 - 0.4 * _drop_shadow(cover))
+
+    base = _colour_table([s.colour for s in subjects])
+    second = _colour_table([s.pattern_colour or s.colour for s in subjects])
+    texture = torch.tensor([s.texture for s in subjects]).view(-1, 1, 1, 1)
+    frac = (marked / cover.clamp(min=1e-6))[:, None]
+    colour = base * (1 - frac) + second * frac + _shade(poses) + texture * noise["texture"][:, None]
+    alpha = cover[:, None]
+    images = (background * (1 - alpha) + colour * alpha).clamp(0, 1)
+    return SampleBatch(
+        images=images.permute(0, 2, 3, 1).contiguous(), masks=cover, boxes=_boxes(cover),
+        captions=[caption(s, sc) for s, sc in zip(subjects, scenes)], subjects=list(subjects), scenes=list(scenes),
+        poses=list(poses), seeds=[int(s) for s in seeds],
+    )
+
+
+def render(subject: Subject, scene: str, *, seed: int, x: float, y: float, scale: float, rotation: float) -> Sample:
+    """Render one sample with an explicit pose (centre in pixels, half-size in pixels, rotation in radians)."""
+    return render_batch([subject], [scene], [seed], [Pose(x, y, scale, rotation)])[0]
+
+
+def sample(subject: Subject, scene: str, seed: int) -> Sample:
+    """Render one sample with a random pose drawn from ``seed``: fully inside the image, half-size in
+    :data:`SCALE_RANGE`, rotation within ±:data:`MAX_ROTATION`."""
+    return render_batch([subject], [scene], [seed])[0]
+
+
+# --------------------------------------------------------------------------------------------------- splits
+
+HELDOUT_COUNT = 24
+REFERENCE_VIEWS = 4
+
+
+@functools.cache
+def all_subjects() -> tuple[Subject, ...]:
+    """Every subject: shape × colour × (plain, or a patterned one with each contrasting pattern colour)."""
+    return tuple(
+        Subject(shape, colour, pattern, second)
+        for shape in SHAPES
+        for colour in COLOURS
+        for pattern in PATTERNS
+        for second in ((None,) if pattern == "plain" else pattern_colours(colour))
+    )
+
+
+@functools.cache
+def heldout_subjects() -> tuple[Subject, ...]:
+    """The 24 personalisation subjects, by a fixed formula: subject ``i`` has shape ``i mod 10``, colour
+    ``(3i + i // 10) mod 10`` and pattern ``i mod 4``, so every shape, colour and pattern occurs 2–6 times and the
+    (shape, colour, pattern) triples are distinct; a patterned one takes its ``7i``-th allowed pattern colour."""
+    subjects = []
+    for i in range(HELDOUT_COUNT):
+        colour = COLOURS[(3 * i + i // len(SHAPES)) % len(COLOURS)]
+        pattern = PATTERNS[i % len(PATTERNS)]
+        allowed = pattern_colours(colour)
+        second = None if pattern == "plain" else allowed[(7 * i) % len(allowed)]
+        subjects.append(Subject(SHAPES[i % len(SHAPES)], colour, pattern, second))
+    return tuple(subjects)
+
+
+@functools.cache
+def base_subjects() -> tuple[Subject, ...]:
+    """Base-training subjects: all subjects whose caption name (shape, colour, pattern) is not a held-out one.
+
+    Held-out names never occur in base training (in any pattern colour), while each held-out shape, colour,
+    pattern and pattern colour does, in other combinations.
+    """
+    held = {s.words for s in heldout_subjects()}
+    return tuple(s for s in all_subjects() if s.words not in held)
+
+
+@functools.cache
+def _base_by_name() -> tuple[tuple[Subject, ...], ...]:
+    """Base subjects grouped by caption name, in :func:`base_subjects` order."""
+    by_name: dict[tuple[str, ...], list[Subject]] = {}
+    for s in base_subjects():
+        by_name.setdefault(s.words, []).append(s)
+    return tuple(tuple(group) for group in by_name.values())
+
+
+def training_batch(batch_size: int, generator: torch.Generator) -> SampleBatch:
+    """Random base-training samples: caption name (shape, colour, pattern) uniform over the base names, then its
+    pattern colour, the scene and the render seed uniform; all drawn from ``generator`` (a CPU generator)."""
+    names = _base_by_name()
+    picks = torch.randint(len(names), (batch_size,), generator=generator).tolist()
+    variants = torch.rand(batch_size, generator=generator).tolist()
+    scenes = torch.randint(len(SCENES), (batch_size,), generator=generator).tolist()
+    seeds = torch.randint(2**62, (batch_size,), generator=generator).tolist()
+    subjects = [names[p][int(r * len(names[p]))] for p, r in zip(picks, variants)]
+    return render_batch(subjects, [SCENES[k] for k in scenes], seeds)
+
+
+@dataclass(frozen=True, eq=False)
+class HeldoutSubject:
+    """A held-out subject's personalisation kit: reference views (in distinct random scenes) and prompts placing
+    its class word in every scene. ``templates`` hold a ``{token}`` slot before the class word."""
+
+    subject: Subject
+    references: tuple[Sample, ...]
+    scenes: tuple[str, ...]
+    prompts: tuple[str, ...]
+    templates: tuple[str, ...]
+
+    @property
+    def class_word(self) -> str:
+        return self.subject.class_word
+
+    def prompts_with(self, token: str) -> tuple[str, ...]:
+        """The prompts with ``token`` before the class word: ``"a photo of a <tok> star on the beach"``."""
+        return tuple(t.format(token=token) for t in self.templates)
+
+
+def heldout_set(seed: int = 0, views: int = REFERENCE_VIEWS) -> tuple[HeldoutSubject, ...]:
+    """For each held-out subject: ``views`` reference samples in distinct scenes (random poses) and one class
+    prompt per scene. Deterministic in ``seed``."""
+    if not 1 <= views <= len(SCENES):
+        raise ValueError(f"views must be in [1, {len(SCENES)}]")
+    gen = torch.Generator().manual_seed(seed)
+    subjects = heldout_subjects()
+    ref_scenes = [[SCENES[k] for k in torch.randperm(len(SCENES), generator=gen)[:views].tolist()] for _ in subjects]
+    seeds = torch.randint(2**62, (len(subjects) * views,), generator=gen).tolist()
+    batch = render_batch([s for s in subjects for _ in range(views)], [sc for row in ref_scenes for sc in row], seeds)
+    return tuple(
+        HeldoutSubject(
+            subject=s,
+            references=tuple(batch[i * views + j] for j in range(views)),
+            scenes=SCENES,
+            prompts=tuple(class_prompt(s.class_word, sc) for sc in SCENES),
+            templates=tuple(class_prompt(s.class_word, sc, token="{token}") for sc in SCENES),
+        )
+        for i, s in enumerate(subjects)
+    )
