@@ -18,7 +18,7 @@ log = logging.getLogger("comfyui_personalize")
 
 # model_config class name -> family. Families name what the pack's methods support.
 _FAMILY_BY_CONFIG = {
-    "SD15": "sd1",
+    "SD15": "sd1", "SD15Mini": "sd1",  # SD15Mini: the pack's mini family (core/mini_family.py), SD1 architecture
     "SD20": "sd2", "SD21UnclipL": "sd2-unclip", "SD21UnclipH": "sd2-unclip",
     "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "KOALA_700M": "sdxl", "KOALA_1B": "sdxl",
     "SDXLRefiner": "sdxl-refiner",

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEMO_CKPT = "personalize_test_sd15.safetensors"
+MINI_CKPT = "personalize_test_mini.safetensors"  # the tests' untrained mini file until models/ ships trained weights
 SUBJECT = "personalize_demo_subject"
 NEG = "blurry, low quality"
 
@@ -112,6 +113,17 @@ GRAPHS = {
         (10, "VAEDecode", {"samples": (9, 0), "vae": (1, 2)}, None),
         (11, "SaveImage", {"images": (10, 0), "filename_prefix": "personalize/invert_image_reconstruction"}, None),
         (12, "SaveImage", {"images": (3, 0), "filename_prefix": "personalize/invert_image_input"}, None),
+    ]),
+    "mini_world_sample": ("Sample the mini-world model (a small SD1-architecture model trained by the pack)", False, [
+        (1, "PersonalizeLoadMiniModel", {"ckpt_name": MINI_CKPT}, "Load Mini Model (swap for Load Checkpoint)"),
+        (2, "CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a striped blue star on the beach"}, "Positive"),
+        (3, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
+        (4, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 4}, None),
+        (5, "KSampler", {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0),
+                         "seed": 0, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                         "denoise": 1.0}, None),
+        (6, "VAEDecode", {"samples": (5, 0), "vae": (1, 2)}, None),
+        (7, "SaveImage", {"images": (6, 0), "filename_prefix": "personalize/mini_world_sample"}, None),
     ]),
     "hifi_reference_guided": ("HiFi Tuner: sample, then sample again guided by a reference photo (Algorithm 2)", False, [
         (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),

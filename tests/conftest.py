@@ -160,4 +160,4 @@ def comfy_server(host, comfy_dirs):
 
 
 # Model, subject and naming fixtures of the pack's own tests.
-from model_fixtures import demo_subject_folder, sd2, sd15, sdxl, subject, subject_files, unique_name  # noqa: E402,F401
+from model_fixtures import ckpt_mini, demo_subject_folder, sd2, sd15, sdxl, subject, subject_files, unique_name  # noqa: E402,F401

@@ -55,3 +55,23 @@ def subject_files(host, subject):
 def unique_name():
     """A fresh artefact name per test, so tests never collide on files."""
     return lambda prefix="t": f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+MINI_TEST_CKPT = "personalize_test_mini.safetensors"
+
+
+@pytest.fixture(scope="session")
+def ckpt_mini(host) -> str:
+    """A freshly initialised (untrained) mini-family file in the session's personalize_mini folder: the loader's
+    and the workflows' code path without the trained weights."""
+    import torch
+
+    from helpers import pack_module
+    mf = pack_module(host, "core.mini_family")
+    tf = pack_module(host, "miniworld.train_family")
+    path = host.model_folder("personalize_mini") / MINI_TEST_CKPT
+    if not path.exists():
+        model, clip, vae = mf.build(seed=0)
+        mf.save_checkpoint(path, model, clip, vae, tf.token_ids_of_world(clip), 0.5)
+        host.refresh_model_lists()
+    return MINI_TEST_CKPT

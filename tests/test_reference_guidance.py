@@ -275,6 +275,15 @@ def test_sd2_v_prediction(host, rg, hifi, sd2, subject):
     assert dist(runs["guided"][k], m) < dist(runs["plain"][k], m)
 
 
+@pytest.mark.slow
+def test_sdxl(host, rg, hifi, sdxl, subject):
+    """SDXL: the paper's definition carries over (ϕ_h is the whole 2048-d negative context; the pooled vector and
+    the size conditioning in ``y`` are captured with the negative chunk and kept fixed)."""
+    runs, k, target, m, dist, g = _guided_vs_plain(rg, sdxl, subject, hifi, "sdxl", 2048, n_steps=4, t_start=3,
+                                                   t_end=2, inner=2)
+    assert dist(runs["guided"][k], m) < dist(runs["plain"][k], m)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: clear errors before any work.
 

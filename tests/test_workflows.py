@@ -15,7 +15,7 @@ def test_there_are_workflows():
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs(host, run_ui_workflow, ckpt_sd15, demo_subject_folder, path):
+def test_workflow_runs(host, run_ui_workflow, ckpt_sd15, ckpt_mini, demo_subject_folder, path):
     result = run_ui_workflow(path)
     assert result.success
     images = result.files()

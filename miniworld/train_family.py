@@ -1,0 +1,323 @@
+"""Training the mini model family (core/mini_family.py) from scratch on the mini world, single process or under
+``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on GPU).
+
+Stages, each a plain function on ComfyUI objects (imported through the pack, so the host must be booted):
+
+1. :func:`train_vae` - ComfyUI's ``AutoencoderKL`` (the VAE object's ``first_stage_model``) as a KL-regularised
+   autoencoder (Rombach et al. 2022, §3 / App. G, without the adversarial and perceptual terms): L1 + L2
+   reconstruction in the VAE's [-1, 1] input space plus ``kl_weight``·KL(q(z|x) ‖ N(0, I)).
+2. :func:`latent_scale` - the latent format's scale factor, 1/std of the posterior means (as SD's 0.18215 was
+   chosen), so that the diffusion model sees unit-variance latents.
+3. :func:`train_diffusion` - UNet and CLIP text encoder jointly, from scratch, with the DDPM ε-loss (Ho et al. 2020,
+   Eq. 14) through the pack's own objective and tuning session (core/diffusion.py, core/tuning.py: the same code that
+   personalises SD), captions dropped to "" with probability ``uncond_prob`` for classifier-free guidance, and
+   attribute words dropped at random so that class-word prompts ("a photo of a star on the beach") are in the
+   training distribution.
+
+Pairs (base subject name, scene) with :func:`is_heldout_prompt` are never shown in training: they are the
+"held-out prompts of seen subjects" the base model's prompt following is measured on.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+log = logging.getLogger("comfyui_personalize")
+
+
+@dataclass
+class FamilyTrainConfig:
+    seed: int = 0
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    vae_lr: float = 4e-4
+    kl_weight: float = 1e-6
+    pool_size: int = 24000        # training images rendered and encoded once for the diffusion stage (all ranks)
+    diffusion_steps: int = 8000
+    diffusion_batch: int = 64
+    diffusion_lr: float = 3e-4
+    uncond_prob: float = 0.1
+    drop_attribute_prob: float = 0.25
+    log_every: int = 100
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in a single process).
+
+def dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1 in the environment)."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def wrap(module: torch.nn.Module) -> torch.nn.Module:
+    """DistributedDataParallel around ``module`` when a process group exists."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(module, find_unused_parameters=False)
+    return module
+
+
+def _mean_across_ranks(value: float) -> float:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / dist.get_world_size()
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data.
+
+def is_heldout_prompt(subject: world.Subject, scene: str) -> bool:
+    """One (caption name, scene) pair in ten, by a stable hash, is reserved for evaluating prompt following."""
+    digest = hashlib.sha256(f"{subject.name}|{scene}".encode()).digest()
+    return digest[0] % 10 == 0
+
+
+def training_samples(n: int, generator: torch.Generator) -> world.SampleBatch:
+    """``n`` base-training samples (name-balanced, :func:`world.training_batch`) excluding held-out prompts."""
+    batches, kept = [], 0
+    while kept < n:
+        b = world.training_batch(max(64, n - kept), generator)
+        keep = [i for i in range(len(b.captions)) if not is_heldout_prompt(b.subjects[i], b.scenes[i])][: n - kept]
+        batches.append((b, keep))
+        kept += len(keep)
+    images = torch.cat([b.images[k] for b, k in batches])
+    subjects = [b.subjects[i] for b, k in batches for i in k]
+    scenes = [b.scenes[i] for b, k in batches for i in k]
+    return images, subjects, scenes
+
+
+def training_caption(subject: world.Subject, scene: str, generator: torch.Generator, drop_prob: float,
+                     uncond_prob: float) -> str:
+    """The caption, with the pattern and/or colour word dropped (each with ``drop_prob``) or, with
+    ``uncond_prob``, the empty prompt."""
+    r = torch.rand(3, generator=generator).tolist()
+    if r[0] < uncond_prob:
+        return ""
+    words = []
+    if subject.pattern != "plain" and r[1] >= drop_prob:
+        words.append(subject.pattern)
+    if r[2] >= drop_prob:
+        words.append(subject.colour)
+    words.append(subject.shape)
+    name = " ".join(words)
+    article = "an" if name[0] in "aeiou" else "a"
+    return f"a photo of {article} {name} {world.SCENE_PHRASES[scene]}"
+
+
+def _schedule(step: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over the first 5 % of the steps (at most 300), then cosine decay."""
+    warmup = max(1, min(300, total // 20))
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 1: the VAE.
+
+class _VAETrainer(torch.nn.Module):
+    """Posterior sample, reconstruction and KL of ComfyUI's AutoencoderKL (its encoder/quant_conv/post_quant_conv/
+    decoder submodules, the same the VAE object runs)."""
+
+    def __init__(self, autoencoder):
+        super().__init__()
+        self.ae = autoencoder
+
+    def encode_moments(self, x):
+        return self.ae.quant_conv(self.ae.encoder(x)).chunk(2, dim=1)
+
+    def forward(self, x, noise):
+        mean, logvar = self.encode_moments(x)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * noise
+        rec = self.ae.decoder(self.ae.post_quant_conv(z))
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
+        return rec, kl
+
+
+def train_vae(vae, cfg: FamilyTrainConfig, generator: torch.Generator, progress=None) -> list[float]:
+    rank, world_size = dist_info()
+    ae = vae.first_stage_model
+    ae.train().float().requires_grad_(True)
+    trainer = wrap(_VAETrainer(ae))
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    losses, t0 = [], time.perf_counter()
+    for step in range(cfg.vae_steps):
+        lr = cfg.vae_lr * _schedule(step, cfg.vae_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        images = world.training_batch(cfg.vae_batch, generator).images
+        x = images.movedim(-1, 1) * 2.0 - 1.0
+        noise = torch.randn((x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), generator=generator)
+        rec, kl = trainer(x, noise)
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress("vae", step + 1, cfg.vae_steps, losses)
+        if rank == 0 and (step + 1) % cfg.log_every == 0:
+            log.info("vae step %d/%d loss %.4f (%.1f s)", step + 1, cfg.vae_steps,
+                     sum(losses[-cfg.log_every:]) / cfg.log_every, time.perf_counter() - t0)
+    ae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def encode_means(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Posterior means of IMAGE tensors ``[N, 64, 64, 3]`` (user-space latents before any scale factor)."""
+    trainer = _VAETrainer(vae.first_stage_model)
+    out = [trainer.encode_moments(images[i:i + batch].movedim(-1, 1).float() * 2.0 - 1.0)[0]
+           for i in range(0, images.shape[0], batch)]
+    return torch.cat(out)
+
+
+def latent_scale(means: torch.Tensor) -> float:
+    """The latent format's scale factor: 1/std of the posterior means (across ranks)."""
+    var = _mean_across_ranks(float(means.float().pow(2).mean())) - _mean_across_ranks(float(means.float().mean())) ** 2
+    return 1.0 / math.sqrt(max(var, 1e-12))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 3: UNet + text encoder.
+
+class _DiffusionTrainer(torch.nn.Module):
+    """ε-loss of the MODEL with captions encoded by the (trainable) CLIP text encoder, through the pack's
+    DiffusionObjective (the host's apply_model and model_sampling)."""
+
+    def __init__(self, objective, base_model, text_encoder):
+        super().__init__()
+        self.objective = objective
+        self.base = base_model
+        self.text = text_encoder
+
+    def forward(self, tokens, idx, sigma, noise):
+        cond = self.text(tokens)[0]
+        loss, _ = self.objective.loss(cond, idx, sigma, noise, use_mask=False)
+        return loss
+
+
+def train_diffusion(model, clip, latents: torch.Tensor, subjects, scenes, cfg: FamilyTrainConfig,
+                    generator: torch.Generator, progress=None) -> list[float]:
+    """Train MODEL's UNet and CLIP's text encoder (in place) on ``latents`` (user-space, scaled) and captions."""
+    from ..core.diffusion import DiffusionObjective
+    from ..core.tuning import TrainingSession
+    rank, world_size = dist_info()
+    losses, t0 = [], time.perf_counter()
+    with TrainingSession(model, clip, train_text=True) as s:
+        s.load()
+        unet = s.model.model
+        text = s.clip.cond_stage_model.clip_l
+        unet.diffusion_model.requires_grad_(True)
+        text.requires_grad_(True)
+        for p in list(text.parameters()):
+            if p.ndim == 0:  # logit_scale and the like: unused by the loss
+                p.requires_grad_(False)
+        proj = getattr(text.transformer, "text_projection", None)
+        if proj is not None:
+            proj.requires_grad_(False)  # only the pooled output uses it; SD1 conditions on the hidden states
+        objective = DiffusionObjective(s.model, latents, None, generator)
+        trainer = wrap(_DiffusionTrainer(objective, unet, text))
+        params = [p for p in list(unet.diffusion_model.parameters()) + list(text.parameters()) if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.diffusion_lr, weight_decay=0.01, foreach=True)
+        tokenizer = clip.tokenizer
+        for step in range(cfg.diffusion_steps):
+            lr = cfg.diffusion_lr * _schedule(step, cfg.diffusion_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx, sigma, noise = objective.sample(cfg.diffusion_batch)
+            captions = [training_caption(subjects[i], scenes[i], generator, cfg.drop_attribute_prob,
+                                         cfg.uncond_prob) for i in idx.tolist()]
+            tokens = [[t for t, _w in tokenizer.tokenize_with_weights(c)["l"][0]] for c in captions]
+            loss = trainer(tokens, idx, sigma, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise RuntimeError(f"diffusion loss became {value} at step {step + 1}; lower diffusion_lr")
+            losses.append(value)
+            if progress:
+                progress("diffusion", step + 1, cfg.diffusion_steps, losses)
+            if rank == 0 and (step + 1) % cfg.log_every == 0:
+                log.info("diffusion step %d/%d loss %.4f (%.1f s)", step + 1, cfg.diffusion_steps,
+                         sum(losses[-cfg.log_every:]) / cfg.log_every, time.perf_counter() - t0)
+        unet.diffusion_model.requires_grad_(False)
+        text.requires_grad_(False)
+    return losses
+
+
+def token_ids_of_world(clip) -> torch.Tensor:
+    """Every token id the world's captions and prompts use (the rows the file stores), plus a few rare words
+    users pick as placeholders."""
+    words = set(world.SHAPES) | set(world.COLOURS) | set(world.PATTERNS)
+    texts = [" ".join(sorted(words)), "a photo of an", *world.SCENE_PHRASES.values(), "sks ohwx zwx object thing"]
+    ids = set()
+    for t in texts:
+        for tok, _w in clip.tokenize(t)["l"][0]:
+            ids.add(int(tok))
+    return torch.tensor(sorted(ids), dtype=torch.int64)
+
+
+def check_replicas_identical(*modules: torch.nn.Module) -> None:
+    """Under DDP every rank must end with the same weights: compare a float64 checksum of all parameters across
+    ranks (min == max after all-reduce) and raise if they differ."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    total = sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum())
+                for m in modules for p in m.parameters())
+    lo, hi = torch.tensor([total], dtype=torch.float64), torch.tensor([total], dtype=torch.float64)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if float(lo) != float(hi):
+        raise RuntimeError(f"DDP replicas diverged: parameter checksums {float(lo)!r} .. {float(hi)!r}")
+
+
+def train_family(cfg: FamilyTrainConfig, progress=None):
+    """All stages from a fresh initialisation. Returns ``(model, clip, vae, scale_factor, report)``; every rank
+    ends with identical weights (DDP), rank 0 writes the file (scripts/train_mini_world.py)."""
+    from ..core import mini_family
+    rank, world_size = dist_info()
+    torch.manual_seed(cfg.seed)
+    model, clip, vae = mini_family.build(seed=cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    t0 = time.perf_counter()
+    vae_losses = train_vae(vae, cfg, generator, progress)
+    t_vae = time.perf_counter() - t0
+    images, subjects, scenes = training_samples(cfg.pool_size // world_size, generator)
+    means = encode_means(vae, images)
+    scale = latent_scale(means)
+    model.model.latent_format.scale_factor = scale
+    diff_losses = train_diffusion(model, clip, means, subjects, scenes, cfg, generator, progress)
+    check_replicas_identical(model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)
+    report = {"config": asdict(cfg), "world_size": world_size, "vae_seconds": round(t_vae, 1),
+              "total_seconds": round(time.perf_counter() - t0, 1), "scale_factor": scale,
+              "vae_final_loss": sum(vae_losses[-50:]) / max(1, len(vae_losses[-50:])),
+              "diffusion_final_loss": sum(diff_losses[-50:]) / max(1, len(diff_losses[-50:]))}
+    return model, clip, vae, scale, report

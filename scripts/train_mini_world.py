@@ -1,0 +1,73 @@
+"""Train the mini model family from scratch on the mini world (what `make mini-world` runs).
+
+    .venv/bin/python scripts/train_mini_world.py [--out models/mini_world.safetensors] [--quick]
+    torchrun --nproc_per_node=2 scripts/train_mini_world.py ...      # DDP (gloo on CPU, nccl on GPU)
+
+Boots ComfyUI in-process (COMFYUI_PATH or the default host tree), builds the family with ComfyUI's own classes
+(core/mini_family.py), trains VAE, then UNet + text encoder (miniworld/train_family.py), and writes the fp16 file and
+its .sha256 atomically from rank 0.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "models" / "mini_world.safetensors"))
+    p.add_argument("--quick", action="store_true", help="a few steps of each stage (smoke test)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a FamilyTrainConfig field (miniworld/train_family.py), e.g. --set vae_steps=500")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    import torch
+    from harness import host as H
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
+    work = Path(tempfile.mkdtemp(prefix="mini_world_"))
+    h = H.boot(os.environ.get("COMFYUI_PATH") or None, models_dir=work / "models", output_dir=work / "out",
+               input_dir=work / "in", temp_dir=work / "temp")
+    tf = importlib.import_module(f"{h.pack_module_name}.miniworld.train_family")
+    mf = importlib.import_module(f"{h.pack_module_name}.core.mini_family")
+    tf.init_distributed()
+    cfg = tf.FamilyTrainConfig()
+    if args.quick:
+        cfg = dataclasses.replace(cfg, vae_steps=4, vae_batch=4, pool_size=64, diffusion_steps=4, diffusion_batch=4,
+                                  log_every=2)
+    types = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in types or types[key] not in (int, float):
+            p.error(f"--set {item}: unknown numeric field (one of {', '.join(k for k, t in types.items() if t in (int, float))})")
+        overrides[key] = types[key](float(value)) if types[key] is int else float(value)
+    cfg = dataclasses.replace(cfg, **overrides)
+    model, clip, vae, scale, report = tf.train_family(cfg)
+    rank, _ = tf.dist_info()
+    if rank == 0:
+        digest = mf.save_checkpoint(args.out, model, clip, vae, tf.token_ids_of_world(clip), scale,
+                                    {"training": report})
+        logging.info("wrote %s (%.1f MB, sha256 %s) in %.0f s: %s", args.out, Path(args.out).stat().st_size / 1e6,
+                     digest[:16], report["total_seconds"], json.dumps({k: v for k, v in report.items() if k != "config"}))
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""The mini model family (core/mini_family.py): real ComfyUI MODEL/CLIP/VAE objects with small widths, saved and
+loaded by the pack's loader node, run by stock nodes and by the pack's training nodes as an SD1.x model."""
+import pytest
+import torch
+
+from helpers import call_node, pack_module
+
+
+@pytest.fixture(scope="module")
+def mf(host):
+    return pack_module(host, "core.mini_family")
+
+
+@pytest.fixture(scope="module")
+def mini_file(host, mf, ckpt_mini):
+    """The session's freshly initialised mini file and, rebuilt with the same seed, the objects it was made from."""
+    tf = pack_module(host, "miniworld.train_family")
+    model, clip, vae = mf.build(seed=0)
+    return host.model_folder("personalize_mini") / ckpt_mini, (model, clip, vae), tf.token_ids_of_world(clip)
+
+
+def test_file_round_trip_and_size(mf, mini_file):
+    path, (model, clip, vae), ids = mini_file
+    assert path.stat().st_size < 40e6
+    m2, c2, v2 = call_node("PersonalizeLoadMiniModel", ckpt_name=path.name)
+    assert type(m2.model.model_config).__name__ == "SD15Mini"
+    assert m2.model.latent_format.scale_factor == 0.5
+    assert path.with_name(path.name + ".sha256").read_text().split()[1] == path.name
+    sd1 = model.model.diffusion_model.state_dict()
+    for k, v in m2.model.diffusion_model.state_dict().items():
+        torch.testing.assert_close(v, sd1[k].half().float())
+    emb = c2.cond_stage_model.clip_l.transformer.text_model.embeddings.token_embedding.weight
+    ref = clip.cond_stage_model.clip_l.transformer.text_model.embeddings.token_embedding.weight
+    torch.testing.assert_close(emb[ids], ref[ids].half().float())
+    torch.testing.assert_close(emb, ref, atol=1e-4, rtol=1e-3)  # other rows: the same seeded table
+
+
+def test_stock_nodes_sample_with_it(host, mini_file):
+    path = mini_file[0]
+    model, clip, vae = call_node("PersonalizeLoadMiniModel", ckpt_name=path.name)
+    assert pack_module(host, "core.host").model_family(model) == "sd1"
+    pos = call_node("CLIPTextEncode", clip=clip, text="a photo of a star on the beach")[0]
+    assert pos[0][0].shape == (1, 77, 128)
+    latent = call_node("EmptyLatentImage", width=64, height=64, batch_size=2)[0]
+    out = call_node("KSampler", model=model, seed=1, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal",
+                    positive=pos, negative=pos, latent_image=latent, denoise=1.0)[0]
+    image = call_node("VAEDecode", samples=out, vae=vae)[0]
+    assert image.shape == (2, 64, 64, 3) and torch.isfinite(image).all()
+    enc = call_node("VAEEncode", pixels=image, vae=vae)[0]["samples"]
+    assert enc.shape == (2, 4, 8, 8)
+
+
+def test_loader_rejects_other_files(host, mf, tmp_path):
+    from safetensors.torch import save_file
+    err = pack_module(host, "core.host").PersonalizeError
+    bad = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(1)}, str(bad), metadata={"format": "other"})
+    with pytest.raises(err, match="not a mini-world checkpoint"):
+        mf.load_checkpoint(bad)
+    bad.write_bytes(b"garbage")
+    with pytest.raises(err, match="cannot be read"):
+        mf.load_checkpoint(bad)

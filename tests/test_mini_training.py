@@ -1,0 +1,99 @@
+"""Training the mini family (miniworld/train_family.py): each stage lowers an independently measured loss, the
+file written by the training script loads through the pack's node, and the script runs under torchrun with two
+CPU processes (gloo DDP; the ranks end with identical weights, checked inside the script)."""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import call_node, eps_loss_reference, pack_module
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tf(host):
+    return pack_module(host, "miniworld.train_family")
+
+
+@pytest.fixture(scope="module")
+def mf(host):
+    return pack_module(host, "core.mini_family")
+
+
+def test_vae_stage_lowers_reconstruction_error(tf, mf):
+    """40 steps at batch 4 on fresh world images: the reconstruction error (L1, decoder of the posterior mean) on a
+    fixed held-aside batch drops by more than 5 % (measured 9 %: 0.631 -> 0.573; deterministic seeds)."""
+    model, clip, vae = mf.build(seed=0)
+    g = torch.Generator().manual_seed(0)
+    images = tf.world.training_batch(8, torch.Generator().manual_seed(99)).images
+
+    def recon_error():
+        with torch.no_grad():
+            trainer = tf._VAETrainer(vae.first_stage_model)
+            x = images.movedim(-1, 1) * 2 - 1
+            mean, _ = trainer.encode_moments(x)
+            rec = vae.first_stage_model.decoder(vae.first_stage_model.post_quant_conv(mean))
+            return float((rec - x).abs().mean())
+    before = recon_error()
+    cfg = tf.FamilyTrainConfig(vae_steps=40, vae_batch=4, vae_lr=1e-3, log_every=1000)
+    losses = tf.train_vae(vae, cfg, g)
+    assert len(losses) == 40 and all(v == v for v in losses)
+    after = recon_error()
+    assert after < 0.95 * before, (before, after)
+
+
+def test_diffusion_stage_lowers_eps_loss(tf, mf):
+    """30 steps at batch 8 on a fixed pool of 16 latents: the ε-loss at fixed timesteps and noise, measured by the
+    tests' independent implementation, drops (UNet and text encoder both train)."""
+    model, clip, vae = mf.build(seed=0)
+    g = torch.Generator().manual_seed(1)
+    images, subjects, scenes = tf.training_samples(16, g)
+    latents = tf.encode_means(vae, images)
+    cond, _ = clip.encode_from_tokens(clip.tokenize(tf.world.caption(subjects[0], scenes[0])), return_pooled=True)
+    text_before = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.weight.clone()
+    before = eps_loss_reference(model, latents[:1], cond, timesteps=(100, 500, 900))
+    cfg = tf.FamilyTrainConfig(diffusion_steps=30, diffusion_batch=8, diffusion_lr=1e-3, uncond_prob=0.0,
+                               drop_attribute_prob=0.0, log_every=1000)
+    losses = tf.train_diffusion(model, clip, latents, subjects, scenes, cfg, g)
+    assert len(losses) == 30
+    cond, _ = clip.encode_from_tokens(clip.tokenize(tf.world.caption(subjects[0], scenes[0])), return_pooled=True)
+    after = eps_loss_reference(model, latents[:1], cond, timesteps=(100, 500, 900))
+    assert after < before, (before, after)
+    text_after = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.weight
+    assert not torch.equal(text_before, text_after)
+
+
+def test_captions_and_heldout_prompts(tf):
+    g = torch.Generator().manual_seed(0)
+    subject = tf.world.Subject("star", "blue", "striped", "yellow")
+    caps = {tf.training_caption(subject, "sand", g, 0.5, 0.2) for _ in range(200)}
+    assert {"", "a photo of a striped blue star on the beach", "a photo of a star on the beach",
+            "a photo of a blue star on the beach", "a photo of a striped star on the beach"} <= caps
+    images, subjects, scenes = tf.training_samples(200, g)
+    assert not any(tf.is_heldout_prompt(s, sc) for s, sc in zip(subjects, scenes))
+    pairs = [(s, sc) for s in tf.world.base_subjects()[:300] for sc in tf.world.SCENES]
+    share = sum(tf.is_heldout_prompt(s, sc) for s, sc in pairs) / len(pairs)
+    assert 0.05 < share < 0.15
+
+
+@pytest.mark.slow
+def test_training_script_under_torchrun_two_processes(host, tmp_path):
+    """`torchrun --nproc_per_node=2 scripts/train_mini_world.py --quick`: gloo DDP on CPU; the script checks that
+    the replicas' weights are identical, rank 0 writes the file and its checksum, and the node loads it."""
+    out = tmp_path / "mini_quick.safetensors"
+    env = dict(os.environ, COMFYUI_PATH=str(host.path), OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "scripts" / "train_mini_world.py"),
+                        "--quick", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.exists() and (tmp_path / "mini_quick.safetensors.sha256").read_text().split()[1] == out.name
+    folder = host.model_folder("personalize_mini")
+    (folder / "mini_quick_torchrun.safetensors").write_bytes(out.read_bytes())
+    host.refresh_model_lists()
+    model, clip, vae = call_node("PersonalizeLoadMiniModel", ckpt_name="mini_quick_torchrun.safetensors")
+    assert model.model.latent_format.scale_factor > 0
