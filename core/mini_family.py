@@ -89,7 +89,9 @@ def mini_clip_target():
     import comfy.supported_models_base
     tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=functools.partial(
         comfy.sd1_clip.SDTokenizer, embedding_size=MINI_CLIP_CONFIG["hidden_size"]))
-    clip = functools.partial(comfy.sd1_clip.SD1ClipModel, textmodel_json_config=_clip_config_path())
+    # SDClipModel named explicitly: newer hosts default SD1ClipModel to a subclass with a fixed config.
+    encoder = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=_clip_config_path())
+    clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=encoder)
     return comfy.supported_models_base.ClipTarget(tokenizer, clip)
 
 
