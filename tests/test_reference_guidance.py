@@ -61,6 +61,25 @@ def test_alignment_recovers_a_known_similarity_transform(align):
         assert abs(float((warped * m).sum() / warped.sum()) - float((tgt * m).sum() / tgt.sum())) < 1.0
 
 
+def test_reference_choice_by_clip_vision_similarity(rg):
+    """With a CLIP_VISION and the first image, the reference with the highest cosine similarity of image embeddings
+    is chosen (the paper: DINO); without them, reference_index. The stand-in vision model embeds an image as its
+    mean colour (CLIP_VISION's interface: ``encode_image(images).image_embeds``)."""
+    import types
+
+    class MeanColourVision:
+        def encode_image(self, image):
+            return types.SimpleNamespace(image_embeds=image.mean(dim=(1, 2)))
+    refs = torch.zeros(3, 8, 8, 3)
+    for i in range(3):
+        refs[i, ..., i] = 1.0                     # red, green, blue
+    generated = torch.full((1, 8, 8, 3), 0.1)
+    generated[..., 2] = 0.9                       # bluish
+    assert rg.choose_reference(refs, 0, MeanColourVision(), generated) == 2
+    assert rg.choose_reference(refs, 1, None, generated) == 1
+    assert rg.choose_reference(refs, 1, MeanColourVision(), None) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Algorithm 2 on the closed-form denoiser (float64): the pack's functions directly.
 
