@@ -21,6 +21,7 @@ import copy
 import functools
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -76,10 +77,12 @@ def _sd15_subclass(scale_factor: float):
 
 def _clip_config_path() -> str:
     """A JSON file of :data:`MINI_CLIP_CONFIG` (the 2024 host's ``SDClipModel`` reads a path; newer ones a dict)."""
-    path = Path(tempfile.gettempdir()) / f"personalize_mini_clip_{abs(hash(json.dumps(MINI_CLIP_CONFIG, sort_keys=True)))}.json"
+    import hashlib
+    text = json.dumps(MINI_CLIP_CONFIG, sort_keys=True)
+    path = Path(tempfile.gettempdir()) / f"personalize_mini_clip_{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(MINI_CLIP_CONFIG))
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent processes (torchrun) each write whole
+        tmp.write_text(text)
         tmp.replace(path)
     return str(path)
 
@@ -237,7 +240,6 @@ def save_checkpoint(path, model, clip, vae, token_ids: torch.Tensor, scale_facto
                     extra: dict | None = None) -> str:
     """Write the file atomically (temporary file, then rename) and its ``.sha256`` beside it; returns the digest."""
     import hashlib
-    import os
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
