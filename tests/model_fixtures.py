@@ -64,8 +64,6 @@ MINI_TEST_CKPT = "personalize_test_mini.safetensors"
 def ckpt_mini(host) -> str:
     """A freshly initialised (untrained) mini-family file in the session's personalize_mini folder: the loader's
     and the workflows' code path without the trained weights."""
-    import torch
-
     from helpers import pack_module
     mf = pack_module(host, "core.mini_family")
     tf = pack_module(host, "miniworld.train_family")

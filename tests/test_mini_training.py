@@ -1,7 +1,6 @@
 """Training the mini family (miniworld/train_family.py): each stage lowers an independently measured loss, the
 file written by the training script loads through the pack's node, and the script runs under torchrun with two
 CPU processes (gloo DDP; the ranks end with identical weights, checked inside the script)."""
-import dataclasses
 import os
 import subprocess
 import sys
