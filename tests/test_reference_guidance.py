@@ -346,3 +346,27 @@ def test_sampler_refuses_other_sigmas(host, hifi, sd15, subject, err):
     with pytest.raises(err, match="Connect the same SIGMAS"):
         call_node("SamplerCustom", model=model, add_noise=True, noise_seed=0, cfg=5.0, positive=pos, negative=neg,
                   sampler=sampler, sigmas=other, latent_image={"samples": torch.zeros(1, 4, 8, 8)})
+
+
+def test_cancel_during_a_guided_step_leaves_the_model_clean(host, rg, hifi, sd15, subject):
+    """Cancel (ComfyUI's interrupt) while a guided step runs: InterruptProcessingException, no out-of-place block
+    methods left on the shared UNet, and the next plain sampling equals the one before."""
+    import comfy.model_management as mm
+    model, clip, vae = sd15
+    pos, neg, sigmas, gen = _inputs(sd15, subject, n_steps=10)
+    sampler = _build(model, vae, _subject_for(hifi, "sd1", 768), pos, sigmas, subject, gen, inner_steps=2)
+    g = sampler.extra_options["guidance"]
+    euler = call_node("KSamplerSelect", sampler_name="euler")[0]
+    latent = torch.zeros(1, 4, 8, 8)
+    before = _sample_custom(model, pos, neg, euler, sigmas, latent, 5.0)
+
+    def cancel(step, x0, x, total):
+        if step == g.start_index:  # reported just before the first guided step's inner loop, which checks it
+            mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _sample_custom(model, pos, neg, sampler, sigmas, latent, 5.0, callback=cancel)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert module_forward_is_clean(model.model)  # no out-of-place block methods left on the shared UNet
+    torch.testing.assert_close(_sample_custom(model, pos, neg, euler, sigmas, latent, 5.0), before)
