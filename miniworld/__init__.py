@@ -5,6 +5,7 @@ from .world import (
     COLOURS,
     IMAGE_SIZE,
     PATTERNS,
+    SCALE_RANGE,
     SCENE_PHRASES,
     SCENES,
     SHAPES,
@@ -27,7 +28,7 @@ from .world import (
 )
 
 __all__ = [
-    "COLOUR_RGB", "COLOURS", "IMAGE_SIZE", "PATTERNS", "SCENE_PHRASES", "SCENES", "SHAPES",
+    "COLOUR_RGB", "COLOURS", "IMAGE_SIZE", "PATTERNS", "SCALE_RANGE", "SCENE_PHRASES", "SCENES", "SHAPES",
     "HeldoutSubject", "Pose", "Sample", "SampleBatch", "Subject",
     "all_subjects", "base_subjects", "caption", "class_prompt", "heldout_set", "heldout_subjects",
     "pattern_colours", "render", "render_batch", "sample", "training_batch",

@@ -21,14 +21,15 @@ import torch.nn.functional as F
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4
-SCALE_RANGE = (10.0, 21.0)
-"""Half-size of a subject in pixels: every shape fits in a disc of this radius (bounding size ≈ 18–40 px)."""
+SCALE_RANGE = (12.0, 22.0)
+"""Half-size of a subject in pixels: every shape fits in a disc of this radius (bounding size ≈ 22–42 px), so that
+the shape spans at least 3 cells of an 8× downsampled latent."""
 MAX_ROTATION = math.pi / 6
 """Random poses rotate by at most ±30° so that orientation-bearing shapes (heart, triangle, cross) stay upright."""
 MIN_PATTERN_CONTRAST = 0.55
 """Smallest RGB distance between a subject's colour and its pattern colour."""
 
-SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "ring", "hexagon", "moon")
+SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "ring", "arrow", "moon")
 COLOUR_RGB: dict[str, tuple[float, float, float]] = {
     "red": (0.86, 0.08, 0.08),
     "orange": (1.0, 0.55, 0.0),
@@ -229,11 +230,12 @@ def _ring(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (r2 <= 0.92**2) & (r2 >= 0.52**2)
 
 
-def _hexagon(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Regular hexagon with corners left and right, circumradius 0.95."""
-    apothem = 0.95 * math.cos(math.pi / 6)
-    a, b = math.cos(math.pi / 6) * u.abs(), 0.5 * v.abs()
-    return (v.abs() <= apothem) & (a + b <= apothem)
+def _arrow(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Arrow pointing up: a triangular head (apex at v = 0.95, base half-width 0.7 at v = 0.05) on a shaft of
+    half-width 0.25 down to v = -0.95."""
+    head = (v >= 0.05) & (u.abs() <= 0.7 * (0.95 - v) / 0.9)
+    shaft = (v < 0.05) & (v >= -0.95) & (u.abs() <= 0.25)
+    return head | shaft
 
 
 def _moon(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -244,7 +246,7 @@ def _moon(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 _SHAPE_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "circle": _circle, "square": _square, "triangle": _triangle, "star": _star, "heart": _heart,
-    "diamond": _diamond, "cross": _cross, "ring": _ring, "hexagon": _hexagon, "moon": _moon,
+    "diamond": _diamond, "cross": _cross, "ring": _ring, "arrow": _arrow, "moon": _moon,
 }
 
 
@@ -253,8 +255,9 @@ _SHAPE_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def _striped(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Stripes across u (vertical when unrotated), period 0.36."""
-    return torch.frac(u / 0.36 + 100.25) < 0.5
+    """Stripes across u (vertical when unrotated), period 0.5, the pattern colour on 30 % of it (so the main colour
+    stays the subject's dominant one)."""
+    return torch.frac(u / 0.5 + 100.35) < 0.3
 
 
 def _dotted(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -264,8 +267,11 @@ def _dotted(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _checkered(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Checkerboard with 0.45 cells."""
-    return (torch.floor(u / 0.45) + torch.floor(v / 0.45)).remainder(2) == 1
+    """Checkerboard with 0.45 cells whose pattern-colour squares are inset to 70 % of the cell (≈ 25 % of the
+    area, so the main colour stays dominant)."""
+    fu, fv = torch.frac(u / 0.45 + 100.0), torch.frac(v / 0.45 + 100.0)
+    odd = (torch.floor(u / 0.45) + torch.floor(v / 0.45)).remainder(2) == 1
+    return odd & ((fu - 0.5).abs() <= 0.35) & ((fv - 0.5).abs() <= 0.35)
 
 
 _PATTERN_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

@@ -218,7 +218,7 @@ _AREA_DOMINANT = (PATTERNS.index("plain"), PATTERNS.index("dotted"))
 
 def _accuracies(evaluator: Evaluator, images: torch.Tensor, labels: dict) -> dict:
     """Accuracy of every head; the colour accuracy on plain and dotted subjects alone (whose main colour also
-    covers most of the subject, unlike the 50/50 striped and checkered ones); the 3 commonest shape and colour
+    covers most of the subject by construction; kept as a regression guard); the 3 commonest shape and colour
     confusions as ``[true, predicted, count]``."""
     predicted = {h: out.probs.argmax(dim=1) for h, out in evaluator.classify(images.float() / 255).items()}
     out: dict = {h: float((pred == labels[h]).float().mean()) for h, pred in predicted.items()}

@@ -15,7 +15,6 @@ import torch.multiprocessing as mp
 
 from miniworld import (
     COLOURS,
-    PATTERNS,
     SCENES,
     SHAPES,
     Subject,
@@ -72,14 +71,13 @@ def _copy_weights(tmp_path: Path) -> Path:
 
 
 def test_shipped_weights_record_their_accuracy(evaluator):
-    """Targets met: scene, pattern, colour of plain/dotted subjects, held-out identity retrieval. Known shortfalls
-    (see miniworld/README.md): circle↔hexagon shape confusion and main↔pattern colour swaps on striped/checkered
-    subjects, whose two colours cover equal areas; floors below guard against regressions."""
+    """The accuracy targets (scene, shape, colour, pattern >= 95 % on held-out data; miniworld/README.md) and held-out
+    identity retrieval, as recorded in the shipped file's metadata at training time."""
     metrics = evaluator.metadata["metrics"]
     for split in ("base", "heldout"):
         m = metrics[split]
         assert m["scene"] >= 0.98 and m["pattern"] >= 0.95 and m["colour_plain_dotted"] >= 0.95, m
-        assert m["shape"] >= 0.80 and m["colour"] >= 0.55, m
+        assert m["shape"] >= 0.95 and m["colour"] >= 0.95, m
     assert metrics["identity"]["top1"] >= 0.95 and metrics["prompt"]["true_beats_wrong"] >= 0.95
     assert DEFAULT_WEIGHTS.stat().st_size < 2**20
 
@@ -117,15 +115,12 @@ def test_accuracy_on_unseen_heldout_and_base_samples(evaluator, heldout_sample):
     images, labels, _ = heldout_sample
     base_images, base_labels, _ = train_evaluators.render_pairs(60, torch.Generator().manual_seed(2027), parity=1)
     base = (base_images.flatten(0, 1).float() / 255, {k: v.flatten() for k, v in base_labels.items()})
-    round_shapes = torch.tensor([SHAPES.index("circle"), SHAPES.index("hexagon")])
-    area_dominant = torch.tensor([PATTERNS.index("plain"), PATTERNS.index("dotted")])
     for imgs, labs in ((images, labels), base):
         out = evaluator.classify(imgs)
         hit = {h: out[h].probs.argmax(dim=1) == labs[h] for h in HEADS}
         acc = {h: float(v.float().mean()) for h, v in hit.items()}
-        assert acc["scene"] >= 0.95 and acc["pattern"] >= 0.90 and acc["shape"] >= 0.75, acc
-        assert hit["shape"][~torch.isin(labs["shape"], round_shapes)].float().mean() >= 0.90, acc
-        assert hit["colour"][torch.isin(labs["pattern"], area_dominant)].float().mean() >= 0.90, acc
+        assert acc["scene"] >= 0.95 and acc["pattern"] >= 0.93 and acc["shape"] >= 0.93, acc
+        assert acc["colour"] >= 0.95, acc
         assert out["shape"].labels == [SHAPES[i] for i in out["shape"].probs.argmax(dim=1).tolist()]
         assert torch.allclose(out["scene"].probs.sum(dim=1), torch.ones(len(imgs)), atol=1e-5)
 

@@ -12,6 +12,7 @@ from miniworld import (
     COLOURS,
     IMAGE_SIZE,
     PATTERNS,
+    SCALE_RANGE,
     SCENES,
     SHAPES,
     Pose,
@@ -94,7 +95,7 @@ def test_box_bounds_the_mask_and_subject_is_fully_inside():
         assert not on[:, :x0].any() and not on[:, x1:].any() and not on[:y0].any() and not on[y1:].any()
         border = torch.cat([s.mask[0], s.mask[-1], s.mask[:, 0], s.mask[:, -1]])
         assert border.max() == 0, "subject touches the image border"
-        assert 10 <= max(x1 - x0, y1 - y0) <= 42, "bounding size out of the expected range"
+        assert 10 <= max(x1 - x0, y1 - y0) <= 2 * SCALE_RANGE[1], "bounding size out of the expected range"
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ def test_box_bounds_the_mask_and_subject_is_fully_inside():
         ("square", 1.36**2),
         ("diamond", 2 * 0.6 * 0.98),
         ("triangle", 3 * math.sqrt(3) / 4),
-        ("hexagon", 3 * math.sqrt(3) / 2 * 0.95**2),
+        ("arrow", 0.5 * 1.4 * 0.9 + 0.5 * 1.0),
         ("ring", math.pi * (0.92**2 - 0.52**2)),
     ],
 )
@@ -122,11 +123,7 @@ def test_shapes_have_distinct_silhouettes():
     for i in range(len(SHAPES)):
         for j in range(i):
             iou = (torch.minimum(masks[i], masks[j]).sum() / torch.maximum(masks[i], masks[j]).sum()).item()
-            # a regular hexagon overlaps its best circle by ~0.9 IoU at any size; its corners are checked below
-            limit = 0.92 if {SHAPES[i], SHAPES[j]} == {"hexagon", "circle"} else 0.85
-            assert iou < limit, f"{SHAPES[i]} and {SHAPES[j]} look alike (IoU {iou:.2f})"
-    aspect = {sh: (b[2] - b[0]) / (b[3] - b[1]) for sh, b in zip(SHAPES, batch.boxes.tolist())}
-    assert aspect["circle"] == 1 and aspect["hexagon"] > 1.1, "the hexagon's side corners should stick out"
+            assert iou < 0.85, f"{SHAPES[i]} and {SHAPES[j]} look alike (IoU {iou:.2f})"
 
 
 # ------------------------------------------------------------------------------------------------ captions
@@ -138,7 +135,7 @@ def test_caption_grammar():
     assert caption(Subject("ring", "red", "dotted", "white"), "brick") == (
         "a photo of a dotted red ring in front of a brick wall")
     assert caption(Subject("moon", "white"), "night") == "a photo of a white moon under the night sky"
-    assert class_prompt("hexagon", "water") == "a photo of a hexagon on the water"
+    assert class_prompt("arrow", "water") == "a photo of an arrow on the water"
     assert class_prompt("star", "grass", token="<sks>") == "a photo of a <sks> star on the grass"
     assert STAR.name == "striped blue star" and STAR.words == ("striped", "blue", "star") and STAR.class_word == "star"
 
@@ -255,7 +252,7 @@ def test_pattern_colour_covers_the_expected_fraction(pattern):
     s = render(Subject("square", "black", pattern, "white"), "night", seed=3, x=32, y=32, scale=20, rotation=0.2)
     interior = s.image[s.mask >= 1].mean(-1)
     light = (interior > 0.5).float().mean().item()
-    expected = {"striped": 0.5, "checkered": 0.5, "dotted": math.pi * 0.12**2 / 0.42**2}[pattern]
+    expected = {"striped": 0.3, "checkered": 0.5 * 0.7**2, "dotted": math.pi * 0.12**2 / 0.42**2}[pattern]
     assert light == pytest.approx(expected, abs=0.08)
 
 
