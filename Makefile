@@ -34,10 +34,10 @@ endif
 VENV_STAMP := $(VENV)/.stamp-venv
 TORCH_CONSTRAINTS := $(VENV)/torch-constraints.txt
 
-.PHONY: venv host test demo bench mini-world evaluators help
+.PHONY: venv host test demo bench eval mini-world evaluators help
 
 help:
-	@echo "targets: venv host test demo bench mini-world evaluators  (COMFYUI_PATH selects the host; default $(DEFAULT_HOST_DIR))"
+	@echo "targets: venv host test demo bench eval mini-world evaluators  (COMFYUI_PATH selects the host; default $(DEFAULT_HOST_DIR))"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Virtual environment: torch first (pinned; pip takes it from the machine's local wheels), then the pack's runtime
@@ -103,8 +103,14 @@ bench: host
 # The mini world (miniworld/, core/mini_family.py): train the small model family from scratch on this machine's CPU
 # (MINI_WORLD_ARGS, e.g. "--set diffusion_steps=2000"; torchrun works too, see the script), and the evaluation networks.
 MINI_WORLD_ARGS ?=
+# The mini-world benchmark: every method on held-out subjects (EVAL_ARGS=--quick for the short CI version).
+eval: host
+	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/eval_mini_world.py
+	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/eval_methods.py $(EVAL_ARGS)
+
 mini-world: host
 	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/train_mini_world.py --out models/mini_world.safetensors $(MINI_WORLD_ARGS)
+	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/eval_mini_world.py --ckpt models/mini_world.safetensors --check
 
 evaluators: venv
 	$(PY) scripts/train_evaluators.py

@@ -30,6 +30,9 @@ import torch
 log = logging.getLogger("comfyui_personalize")
 
 FORMAT = "personalize-mini-sd/1"
+PACK_MODELS = Path(__file__).resolve().parents[1] / "models"
+SHIPPED_NAME = "mini_world.safetensors"
+"""The committed, trained family (``make mini-world`` reproduces it): ``<pack>/models/mini_world.safetensors``."""
 VOCAB_SIZE = 49408
 TOKEN_TABLE_SEED = 20261122
 
@@ -211,12 +214,28 @@ def file_metadata(scale_factor: float, extra: dict | None = None) -> dict:
     return meta
 
 
+def shipped_checkpoint() -> Path:
+    """Path of the committed mini-world family (:data:`SHIPPED_NAME` in the pack's models folder)."""
+    return PACK_MODELS / SHIPPED_NAME
+
+
 def load_checkpoint(path, embedding_directory=None):
     """``(MODEL, CLIP, VAE)`` from a mini-family file (configs checked against this version of the pack)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     from .host import PersonalizeError
     path = Path(path)
+    if not path.is_file():
+        raise PersonalizeError(f"{path} does not exist. Train the mini family with `make mini-world`, or restore the "
+                               "shipped file with `git checkout -- models/`.")
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file():
+        import hashlib
+        want = sidecar.read_text().split()[0]
+        if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+            raise PersonalizeError(f"{path.name} does not match its checksum ({sidecar.name}): the file is damaged "
+                                   "or was replaced. Restore it with `git checkout -- models/`, or re-create both "
+                                   "with `make mini-world`.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -1,4 +1,5 @@
-"""Synthetic subject photos for tests and the demo (until the mini world provides real subjects)."""
+"""Subject photos for tests and the demo: a synthetic striped disc (for the random SD-shaped fixtures) and held-out
+mini-world subjects (for the trained mini model)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,4 +42,30 @@ def write_subject_folder(input_dir: Path, folder: str = DEMO_FOLDER, n: int = 3,
     for i in range(n):
         save_png(images[i], out / f"subject_{i + 1}.png")
         save_png(masks[i][..., None], out / f"subject_{i + 1}_mask.png")
+    return out
+
+
+MINI_DEMO_FOLDER = "personalize_mini_demo_subject"
+MINI_DEMO_SUBJECT = "striped red star"
+"""The held-out mini-world subject the mini demo workflow personalises (never seen in base training)."""
+
+
+def heldout_kit(name: str = MINI_DEMO_SUBJECT):
+    """The held-out subject's kit (miniworld.world.HeldoutSubject: references, masks, prompts) by name."""
+    from miniworld import world
+    for kit in world.heldout_set(seed=0):
+        if kit.subject.name == name:
+            return kit
+    raise KeyError(f"{name!r} is not a held-out subject")
+
+
+def write_heldout_subject_folder(input_dir: Path, folder: str = MINI_DEMO_FOLDER, name: str = MINI_DEMO_SUBJECT) -> Path:
+    """Write a held-out mini-world subject's reference views as ``subject_<i>.png`` + ``subject_<i>_mask.png`` into
+    ``<input_dir>/<folder>`` (what Load Subject Images reads)."""
+    kit = heldout_kit(name)
+    out = Path(input_dir) / folder
+    out.mkdir(parents=True, exist_ok=True)
+    for i, ref in enumerate(kit.references):
+        save_png(ref.image, out / f"subject_{i + 1}.png")
+        save_png(ref.mask[..., None], out / f"subject_{i + 1}_mask.png")
     return out

@@ -9,7 +9,7 @@ from ..core.host import PersonalizeError
 from . import sockets as S
 
 FOLDER = "personalize_mini"  # <pack>/models (the committed weights) and models/personalize/mini
-PACK_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+PACK_MODELS = str(mini_family.PACK_MODELS)
 
 
 def register_folder() -> None:

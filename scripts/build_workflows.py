@@ -15,13 +15,55 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEMO_CKPT = "personalize_test_sd15.safetensors"
-MINI_CKPT = "personalize_test_mini.safetensors"  # the tests' untrained mini file until models/ ships trained weights
+MINI_CKPT = "mini_world.safetensors"  # the trained mini family shipped in the pack's models/ (make mini-world)
+MINI_SUBJECT = "personalize_mini_demo_subject"  # harness.subjects.write_heldout_subject_folder: a held-out subject
+MINI_TOKEN, MINI_CLASS = "sks", "star"
+MINI_SCENES = ("on the grass", "in the snow", "under the night sky")
+
+
+def _mini_demo_graph() -> list:
+    """Load Mini Model -> Load Subject Images -> Train Subject LoRA -> one KSampler per new scene -> one batch."""
+    graph = [
+        (1, "PersonalizeLoadMiniModel", {"ckpt_name": MINI_CKPT}, "Load Mini Model (swap for Load Checkpoint)"),
+        (2, "PersonalizeLoadSubjectImages", {"folder": MINI_SUBJECT, "size": 64}, "Reference views (held-out subject)"),
+        (3, "PersonalizeTrainSubjectLoRA", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
+                                            "mask": (2, 1), "instance_prompt": f"a photo of a {MINI_TOKEN} {MINI_CLASS}",
+                                            "rank": 4, "steps": 200, "learning_rate": 0.002, "batch_size": 2,
+                                            "seed": 0, "layers": "attention", "train_text_encoder": False,
+                                            "lora_name": "mini_demo_subject_lora", "overwrite": True,
+                                            "gradient_checkpointing": False, "mixed_precision": "auto",
+                                            "preview_every": 0, "class_prompt": "", "prior_loss_weight": 1.0,
+                                            "alpha": 0.0}, None),
+        (4, "CLIPTextEncode", {"clip": (3, 1), "text": ""}, "Negative (empty prompt)"),
+        (5, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
+    ]
+    decoded = []
+    for k, scene in enumerate(MINI_SCENES):
+        enc, samp, dec = 10 + 3 * k, 11 + 3 * k, 12 + 3 * k
+        graph += [
+            (enc, "CLIPTextEncode", {"clip": (3, 1), "text": f"a photo of a {MINI_TOKEN} {MINI_CLASS} {scene}"},
+             f"Positive: {scene}"),
+            (samp, "KSampler", {"model": (3, 0), "positive": (enc, 0), "negative": (4, 0), "latent_image": (5, 0),
+                                "seed": 7 + k, "steps": 20, "cfg": 5.0, "sampler_name": "ddim",
+                                "scheduler": "ddim_uniform", "denoise": 1.0}, None),
+            (dec, "VAEDecode", {"samples": (samp, 0), "vae": (1, 2)}, None),
+        ]
+        decoded.append(dec)
+    batch_id, previous = 30, decoded[0]
+    for dec in decoded[1:]:
+        graph.append((batch_id, "ImageBatch", {"image1": (previous, 0), "image2": (dec, 0)}, None))
+        previous, batch_id = batch_id, batch_id + 1
+    graph += [
+        (40, "SaveImage", {"images": (previous, 0), "filename_prefix": "personalize/mini_world_demo"}, None),
+        (41, "SaveImage", {"images": (2, 0), "filename_prefix": "personalize/mini_world_demo_references"}, None),
+    ]
+    return graph
 SUBJECT = "personalize_demo_subject"
 NEG = "blurry, low quality"
 
 # name -> (title, demo?, nodes); a node is (id, type, {input: value | (src_id, slot)}, title)
 GRAPHS = {
-    "textual_inversion": ("Train a subject embedding, then use it in a prompt", True, [
+    "textual_inversion": ("Train a subject embedding, then use it in a prompt", False, [
         (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
         (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
         (3, "PersonalizeTrainSubjectEmbedding", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
@@ -41,7 +83,7 @@ GRAPHS = {
         (10, "PersonalizeLossGraph", {"loss": (3, 2), "width": 512, "height": 256}, None),
         (11, "SaveImage", {"images": (10, 0), "filename_prefix": "personalize/textual_inversion_loss"}, None),
     ]),
-    "dreambooth_lora": ("Train a subject LoRA (DreamBooth), then sample with the tuned model", True, [
+    "dreambooth_lora": ("Train a subject LoRA (DreamBooth), then sample with the tuned model", False, [
         (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
         (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
         (3, "PersonalizeTrainSubjectLoRA", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
@@ -125,6 +167,8 @@ GRAPHS = {
         (6, "VAEDecode", {"samples": (5, 0), "vae": (1, 2)}, None),
         (7, "SaveImage", {"images": (6, 0), "filename_prefix": "personalize/mini_world_sample"}, None),
     ]),
+    "mini_world_demo": ("Personalise a held-out mini-world subject (DreamBooth-LoRA) and place it in new scenes "
+                        "(make demo)", True, _mini_demo_graph()),
     "hifi_reference_guided": ("HiFi Tuner: sample, then sample again guided by a reference photo (Algorithm 2)", False, [
         (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
         (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),

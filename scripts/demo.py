@@ -1,7 +1,13 @@
-"""`make demo`: run the demo workflows in workflows/ through ComfyUI's own executor and write PNGs under output/.
+"""`make demo`: personalise a held-out mini-world subject with the pack's nodes and write a PNG grid.
 
-The default model is the generated SD1.5-shaped fixture (random weights) until the mini-world model lands; the
-workflows are the same ones a user runs on a real checkpoint (change the Load Checkpoint node).
+Runs the demo workflows in workflows/ (``extra.personalize.demo``; today workflows/mini_world_demo.json) through
+ComfyUI's own executor on the shipped mini-world model (models/mini_world.safetensors): Load Mini Model -> Load
+Subject Images (the held-out subject's reference views, written into the input folder first) -> Train Subject
+LoRA -> one KSampler per new scene. Then writes ``output/personalize_demo_grid.png``: the references in the first
+row, the subject in new scenes below, and logs where it is.
+
+The same workflow runs on a real SD1.x checkpoint with Load Mini Model swapped for the stock Load Checkpoint
+(CheckpointLoaderSimple) and your own photos in the subject folder.
 """
 from __future__ import annotations
 
@@ -18,27 +24,46 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("personalize.demo")
 
 
+def save_grid(rows: list, path: Path, scale: int = 3) -> Path:
+    """Rows of IMAGE tensors ``[n_i, H, W, 3]`` as one PNG (each row left-aligned, white gaps), upscaled ``scale``x
+    with nearest-neighbour so 64 px images stay crisp."""
+    import torch
+    import torch.nn.functional as F
+    from harness.subjects import save_png
+    width = max(r.shape[0] for r in rows)
+    h, w = rows[0].shape[1:3]
+    gap = 4
+    canvas = torch.ones(len(rows) * (h + gap) - gap, width * (w + gap) - gap, 3)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            canvas[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = img[..., :3]
+    big = F.interpolate(canvas.movedim(-1, 0)[None], scale_factor=scale, mode="nearest")[0].movedim(0, -1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    save_png(big, tmp)
+    tmp.replace(path)
+    return path
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from harness import fixtures
+    import numpy as np
+    import torch
+    from PIL import Image
     from harness.executor import run_api_prompt
     from harness.host import boot
-    from harness.subjects import write_subject_folder
+    from harness.subjects import MINI_DEMO_SUBJECT, write_heldout_subject_folder
     from harness.ui_convert import ui_to_api
 
     out = ROOT / "output"
     work = out / ".demo-work"
-    (work / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
     host = boot(os.environ.get("COMFYUI_PATH") or None, models_dir=work / "models", output_dir=out,
                 input_dir=work / "input", temp_dir=work / "temp")
-    ckpt = fixtures.ensure_checkpoint("sd15", ROOT / ".cache" / "fixtures")
-    link = work / "models" / "checkpoints" / "personalize_test_sd15.safetensors"
-    if not link.exists():
-        link.symlink_to(ckpt)
     host.refresh_model_lists()
-    write_subject_folder(host.input_dir)
+    write_heldout_subject_folder(host.input_dir)
 
-    written = []
+    t_start = time.perf_counter()
+    rows = []
     for path in sorted((ROOT / "workflows").glob("*.json")):
         wf = json.loads(path.read_text())
         if not wf.get("extra", {}).get("personalize", {}).get("demo"):
@@ -49,9 +74,15 @@ def main() -> int:
             log.error("%s failed: %s", path.name, result.error_message)
             return 1
         files = result.files()
-        written += files
         log.info("%s: %d images in %.0f s", path.name, len(files), time.perf_counter() - t0)
-    log.info("demo images:\n%s", "\n".join(f"  {p}" for p in written))
+        load = lambda p: torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255)  # noqa: E731
+        refs = [p for p in files if "references" in p.name]
+        gens = [p for p in files if "references" not in p.name]
+        rows += [torch.stack([load(p) for p in sorted(refs)]), torch.stack([load(p) for p in sorted(gens)])]
+    grid = save_grid(rows, out / "personalize_demo_grid.png")
+    log.info("demo (%s, personalised from %d reference views) finished in %.0f s", MINI_DEMO_SUBJECT,
+             rows[0].shape[0], time.perf_counter() - t_start)
+    log.info("demo grid (top row: the references; below: the subject in new scenes): %s", grid)
     return 0
 
 

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "models" / "mini_world.safetensors"))
     p.add_argument("--quick", action="store_true", help="a few steps of each stage (smoke test)")
+    p.add_argument("--vae-from", metavar="FILE",
+                   help="reuse the VAE of an earlier mini-family file and train only UNet + text encoder")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a FamilyTrainConfig field (miniworld/train_family.py), e.g. --set vae_steps=500")
@@ -55,12 +57,26 @@ def main(argv=None) -> int:
             p.error(f"--set {item}: unknown numeric field (one of {', '.join(k for k, t in types.items() if t in (int, float))})")
         overrides[key] = types[key](float(value)) if types[key] is int else float(value)
     cfg = dataclasses.replace(cfg, **overrides)
-    model, clip, vae, scale, report = tf.train_family(cfg)
+    vae_state = None
+    if args.vae_from:
+        _m, _c, old_vae = mf.load_checkpoint(args.vae_from)
+        vae_state = old_vae.first_stage_model.state_dict()
     rank, _ = tf.dist_info()
+    out = Path(args.out)
+    stage1 = out.with_name(out.stem + ".vae-stage" + out.suffix)
+
+    def save_stage1(model, clip, vae):
+        if rank == 0:
+            mf.save_checkpoint(stage1, model, clip, vae, tf.token_ids_of_world(clip), 1.0, {"stage": "vae"})
+            logging.info("VAE stage saved to %s (reuse it with --vae-from)", stage1)
+
+    model, clip, vae, scale, report = tf.train_family(cfg, vae_state=vae_state, on_vae_trained=save_stage1)
     if rank == 0:
-        digest = mf.save_checkpoint(args.out, model, clip, vae, tf.token_ids_of_world(clip), scale,
+        digest = mf.save_checkpoint(out, model, clip, vae, tf.token_ids_of_world(clip), scale,
                                     {"training": report})
-        logging.info("wrote %s (%.1f MB, sha256 %s) in %.0f s: %s", args.out, Path(args.out).stat().st_size / 1e6,
+        for leftover in (stage1, stage1.with_name(stage1.name + ".sha256")):
+            leftover.unlink(missing_ok=True)
+        logging.info("wrote %s (%.1f MB, sha256 %s) in %.0f s: %s", out, out.stat().st_size / 1e6,
                      digest[:16], report["total_seconds"], json.dumps({k: v for k, v in report.items() if k != "config"}))
     import torch.distributed as dist
     if dist.is_initialized():

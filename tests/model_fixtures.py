@@ -34,8 +34,10 @@ def subject():
 
 @pytest.fixture(scope="session")
 def demo_subject_folder(host):
-    """The subject folder the workflows in workflows/ read (Load Subject Images)."""
-    from harness.subjects import write_subject_folder
+    """The subject folders the workflows in workflows/ read (Load Subject Images): the synthetic SD-fixture subject,
+    and the held-out mini-world subject of the mini demo."""
+    from harness.subjects import write_heldout_subject_folder, write_subject_folder
+    write_heldout_subject_folder(host.input_dir)
     return write_subject_folder(host.input_dir)
 
 

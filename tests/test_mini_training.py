@@ -80,6 +80,19 @@ def test_captions_and_heldout_prompts(tf):
     assert 0.05 < share < 0.15
 
 
+def test_reusing_a_trained_vae_skips_the_vae_stage(tf, mf):
+    """``train_family(vae_state=...)`` (the script's --vae-from) keeps the given autoencoder bit for bit, takes the
+    latent scale from it and reports the reuse."""
+    _m, _c, donor = mf.build(seed=3)
+    state = {k: v.clone() for k, v in donor.first_stage_model.state_dict().items()}
+    cfg = tf.FamilyTrainConfig(vae_steps=5, pool_size=16, diffusion_steps=1, diffusion_batch=2, log_every=1000)
+    model, clip, vae, scale, report = tf.train_family(cfg, vae_state=state)
+    for k, v in vae.first_stage_model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert report["vae_reused"] and report["vae_final_loss"] is None and scale > 0
+    assert report["vae_psnr_db"] > 0 and model.model.latent_format.scale_factor == scale
+
+
 @pytest.mark.slow
 def test_training_script_under_torchrun_two_processes(host, tmp_path):
     """`torchrun --nproc_per_node=2 scripts/train_mini_world.py --quick`: gloo DDP on CPU; the script checks that
