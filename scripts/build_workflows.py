@@ -17,33 +17,34 @@ sys.path.insert(0, str(ROOT))
 DEMO_CKPT = "personalize_test_sd15.safetensors"
 MINI_CKPT = "mini_world.safetensors"  # the trained mini family shipped in the pack's models/ (make mini-world)
 MINI_SUBJECT = "personalize_mini_demo_subject"  # harness.subjects.write_heldout_subject_folder: a held-out subject
-MINI_TOKEN, MINI_CLASS = "sks", "star"
+MINI_CLASS = "star"
 MINI_SCENES = ("on the grass", "in the snow", "under the night sky")
 
 
 def _mini_demo_graph() -> list:
-    """Load Mini Model -> Load Subject Images -> Train Subject LoRA -> one KSampler per new scene -> one batch."""
+    """Load Mini Model -> Load Subject Images -> HiFi Subject Tune (masked) -> per new scene: the class prompt with
+    the subject's rows (HiFi Subject Conditioning) -> KSampler (ddim_uniform, the tuned timesteps) -> one batch."""
     graph = [
         (1, "PersonalizeLoadMiniModel", {"ckpt_name": MINI_CKPT}, "Load Mini Model (swap for Load Checkpoint)"),
         (2, "PersonalizeLoadSubjectImages", {"folder": MINI_SUBJECT, "size": 64}, "Reference views (held-out subject)"),
-        (3, "PersonalizeTrainSubjectLoRA", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
-                                            "mask": (2, 1), "instance_prompt": f"a photo of a {MINI_TOKEN} {MINI_CLASS}",
-                                            "rank": 4, "steps": 200, "learning_rate": 0.002, "batch_size": 2,
-                                            "seed": 0, "layers": "attention", "train_text_encoder": False,
-                                            "lora_name": "mini_demo_subject_lora", "overwrite": True,
-                                            "gradient_checkpointing": False, "mixed_precision": "auto",
-                                            "preview_every": 0, "class_prompt": "", "prior_loss_weight": 1.0,
-                                            "alpha": 0.0}, None),
-        (4, "CLIPTextEncode", {"clip": (3, 1), "text": ""}, "Negative (empty prompt)"),
+        (3, "PersonalizeHiFiSubjectTune", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
+                                           "mask": (2, 1), "caption": f"a photo of a {MINI_CLASS}", "n_tokens": 5,
+                                           "global_steps": 300, "steps_per_step": 3, "sampling_steps": 20,
+                                           "learning_rate": 0.02, "reg_weight": 0.01, "use_mask": True,
+                                           "use_regularisation": True, "use_stepwise": True, "seed": 0,
+                                           "subject_name": "mini_demo_subject", "overwrite": True, "batch_size": 2,
+                                           "gradient_checkpointing": False, "mixed_precision": "auto"}, None),
+        (4, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
         (5, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
     ]
     decoded = []
     for k, scene in enumerate(MINI_SCENES):
-        enc, samp, dec = 10 + 3 * k, 11 + 3 * k, 12 + 3 * k
+        enc, cond, samp, dec = 10 + 4 * k, 11 + 4 * k, 12 + 4 * k, 13 + 4 * k
         graph += [
-            (enc, "CLIPTextEncode", {"clip": (3, 1), "text": f"a photo of a {MINI_TOKEN} {MINI_CLASS} {scene}"},
-             f"Positive: {scene}"),
-            (samp, "KSampler", {"model": (3, 0), "positive": (enc, 0), "negative": (4, 0), "latent_image": (5, 0),
+            (enc, "CLIPTextEncode", {"clip": (1, 1), "text": f"a photo of a {MINI_CLASS} {scene}"}, f"Positive: {scene}"),
+            (cond, "PersonalizeHiFiSubjectConditioning", {"conditioning": (enc, 0), "subject": (3, 0),
+                                                          "use_stepwise": True}, None),
+            (samp, "KSampler", {"model": (1, 0), "positive": (cond, 0), "negative": (4, 0), "latent_image": (5, 0),
                                 "seed": 7 + k, "steps": 20, "cfg": 5.0, "sampler_name": "ddim",
                                 "scheduler": "ddim_uniform", "denoise": 1.0}, None),
             (dec, "VAEDecode", {"samples": (samp, 0), "vae": (1, 2)}, None),
@@ -167,7 +168,7 @@ GRAPHS = {
         (6, "VAEDecode", {"samples": (5, 0), "vae": (1, 2)}, None),
         (7, "SaveImage", {"images": (6, 0), "filename_prefix": "personalize/mini_world_sample"}, None),
     ]),
-    "mini_world_demo": ("Personalise a held-out mini-world subject (DreamBooth-LoRA) and place it in new scenes "
+    "mini_world_demo": ("Personalise a held-out mini-world subject (HiFi Tuner) and place it in new scenes "
                         "(make demo)", True, _mini_demo_graph()),
     "hifi_reference_guided": ("HiFi Tuner: sample, then sample again guided by a reference photo (Algorithm 2)", False, [
         (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),

@@ -2,9 +2,9 @@
 
 Runs the demo workflows in workflows/ (``extra.personalize.demo``; today workflows/mini_world_demo.json) through
 ComfyUI's own executor on the shipped mini-world model (models/mini_world.safetensors): Load Mini Model -> Load
-Subject Images (the held-out subject's reference views, written into the input folder first) -> Train Subject
-LoRA -> one KSampler per new scene. Then writes ``output/personalize_demo_grid.png``: the references in the first
-row, the subject in new scenes below, and logs where it is.
+Subject Images (the held-out subject's reference views, written into the input folder first) -> HiFi Subject
+Tune -> HiFi Subject Conditioning -> one KSampler per new scene. Then writes ``output/personalize_demo_grid.png``:
+the references in the first row, the subject in new scenes below, and logs where it is.
 
 The same workflow runs on a real SD1.x checkpoint with Load Mini Model swapped for the stock Load Checkpoint
 (CheckpointLoaderSimple) and your own photos in the subject folder.
