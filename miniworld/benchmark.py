@@ -189,7 +189,7 @@ class Benchmark:
             switches = {"use_mask": True, "use_regularisation": True, "use_stepwise": True, **HIFI_ABLATIONS[method]}
             subject, _loss, file_name = call(
                 self.nodes, "PersonalizeHiFiSubjectTune", model=self.model, clip=self.clip, vae=self.vae,
-                images=images, caption=f"a photo of {_article(kit.class_word)} {kit.class_word}",
+                images=images, caption=f"a photo of {world.article(kit.class_word)} {kit.class_word}",
                 n_tokens=5, global_steps=c.hifi_global_steps, steps_per_step=c.hifi_steps_per_step,
                 sampling_steps=c.sampler_steps, learning_rate=c.hifi_lr, reg_weight=1e-2, seed=c.seed + index,
                 subject_name=name, overwrite=True, mask=masks, batch_size=c.batch_size, **switches)
@@ -288,10 +288,6 @@ def sample_captions(node_map: dict, model, clip, vae, captions: list[str], *, st
                        denoise=1.0)[0]
             images.append(call(node_map, "VAEDecode", samples=out, vae=vae)[0])
     return torch.cat(images).float()
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _artifact(folder: str, name: str) -> Path:

@@ -127,8 +127,7 @@ def training_caption(subject: world.Subject, scene: str, generator: torch.Genera
         words.append(subject.colour)
     words.append(subject.shape)
     name = " ".join(words)
-    article = "an" if name[0] in "aeiou" else "a"
-    return f"a photo of {article} {name} {world.SCENE_PHRASES[scene]}"
+    return f"a photo of {world.article(name)} {name} {world.SCENE_PHRASES[scene]}"
 
 
 def _schedule(step: int, total: int) -> float:

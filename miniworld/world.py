@@ -61,7 +61,8 @@ _NOISE_SHAPES = {"fine": (IMAGE_SIZE, IMAGE_SIZE), "texture": (IMAGE_SIZE, IMAGE
 # --------------------------------------------------------------------------------------------------- vocabulary
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """"a" or "an" before ``word``."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -122,13 +123,13 @@ class Subject:
 
 def caption(subject: Subject, scene: str) -> str:
     """``"a photo of an orange heart on the beach"``."""
-    return f"a photo of {_article(subject.name)} {subject.name} {SCENE_PHRASES[scene]}"
+    return f"a photo of {article(subject.name)} {subject.name} {SCENE_PHRASES[scene]}"
 
 
 def class_prompt(class_word: str, scene: str, token: str | None = None) -> str:
     """``"a photo of a star on the beach"``, or with a token ``"a photo of a <tok> star on the beach"``."""
     noun = class_word if token is None else f"{token} {class_word}"
-    return f"a photo of {_article(noun)} {noun} {SCENE_PHRASES[scene]}"
+    return f"a photo of {article(noun)} {noun} {SCENE_PHRASES[scene]}"
 
 
 # --------------------------------------------------------------------------------------------------- samples
