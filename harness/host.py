@@ -125,6 +125,10 @@ class Host:
     def node_class_mappings(self) -> dict:
         return self.nodes.NODE_CLASS_MAPPINGS
 
+    def pack(self, name: str) -> ModuleType:
+        """A submodule of the pack as ComfyUI loaded it, e.g. ``host.pack("miniworld.benchmark")``."""
+        return importlib.import_module(f"{self.pack_module_name}.{name}")
+
     def node_class(self, class_type: str) -> Any:
         try:
             return self.nodes.NODE_CLASS_MAPPINGS[class_type]
@@ -200,6 +204,32 @@ def boot(
             return _HOST
         _HOST = _boot(path, Path(models_dir), Path(output_dir), input_dir, temp_dir, isolate_custom_nodes)
         return _HOST
+
+
+def boot_scratch(prefix: str = "personalize_") -> Host:
+    """Boot the host named by ``COMFYUI_PATH`` (else the default tree) with its models, output, input and temp
+    folders in a fresh temporary directory, for scripts that must not touch a user's folders."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    return boot(os.environ.get("COMFYUI_PATH") or None, models_dir=work / "models", output_dir=work / "out",
+                input_dir=work / "in", temp_dir=work / "temp")
+
+
+def replace_numeric(config, items: list[str]):
+    """``dataclasses.replace(config, ...)`` from ``FIELD=VALUE`` strings (a script's ``--set``); only int and float
+    fields. Raises ValueError naming the allowed fields."""
+    import dataclasses
+    kinds = {f.name: type(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    numeric = [k for k, t in kinds.items() if t in (int, float)]
+    changes = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in numeric:
+            raise ValueError(f"--set {item}: not a numeric field; one of {', '.join(numeric)}")
+        try:
+            changes[key] = int(float(value)) if kinds[key] is int else float(value)
+        except ValueError:
+            raise ValueError(f"--set {item}: {value!r} is not a number") from None
+    return dataclasses.replace(config, **changes)
 
 
 def _check_clean_process(path: Path) -> None:

@@ -21,7 +21,8 @@ def encode_subject(node: str, vae, images: torch.Tensor, masks: torch.Tensor | N
     images = crop_to_multiple(images)
     if masks is not None:
         masks = crop_to_multiple(masks[..., None])[..., 0]
-    latents = vae.encode(images[..., :3]).float()
+    with torch.no_grad():  # cached for every step: no autograd graph through the VAE, in or out of inference mode
+        latents = vae.encode(images[..., :3]).float()
     return SubjectData(images, latents, to_latent_masks(masks, tuple(latents.shape[-2:])))
 
 

@@ -131,21 +131,9 @@ class Benchmark:
 
     def generate(self, p: Personalised, kit: world.HeldoutSubject) -> torch.Tensor:
         """One image per (scene prompt, seed): IMAGE [len(prompts) * seeds, 64, 64, 3]."""
-        with torch.inference_mode():
-            negative = call(self.nodes, "CLIPTextEncode", clip=p.clip, text="")[0]
-            out = []
-            for k, prompt in enumerate(p.prompts):
-                positive = call(self.nodes, "CLIPTextEncode", clip=p.clip, text=prompt)[0]
-                if p.transform is not None:
-                    positive = p.transform(positive)
-                latent = call(self.nodes, "EmptyLatentImage", width=world.IMAGE_SIZE, height=world.IMAGE_SIZE,
-                              batch_size=self.cfg.seeds)[0]
-                samples = call(self.nodes, "KSampler", model=p.model, seed=self.cfg.seed * 1000 + k,
-                               steps=self.cfg.sampler_steps, cfg=self.cfg.cfg, sampler_name="ddim",
-                               scheduler="ddim_uniform", positive=positive, negative=negative,
-                               latent_image=latent, denoise=1.0)[0]
-                out.append(call(self.nodes, "VAEDecode", samples=samples, vae=self.vae)[0])
-        return torch.cat(out).float()
+        return sample_captions(self.nodes, p.model, p.clip, self.vae, p.prompts, steps=self.cfg.sampler_steps,
+                               cfg=self.cfg.cfg, seed=self.cfg.seed * 1000, per_caption=self.cfg.seeds,
+                               transform=p.transform)
 
     def real_images(self, kit: world.HeldoutSubject) -> torch.Tensor:
         scenes = [sc for sc in kit.scenes for _ in range(self.cfg.seeds)]
@@ -274,15 +262,19 @@ def prompt_following(evaluator: Evaluator, images: torch.Tensor, pairs) -> dict[
 
 
 def sample_captions(node_map: dict, model, clip, vae, captions: list[str], *, steps: int = 20, cfg: float = 5.0,
-                    seed: int = 0) -> torch.Tensor:
-    """One image per caption through stock nodes (CLIPTextEncode, KSampler ddim / ddim_uniform, VAEDecode)."""
+                    seed: int = 0, per_caption: int = 1, transform=None) -> torch.Tensor:
+    """``per_caption`` images per caption (one latent batch, KSampler seed ``seed + k`` for caption ``k``) through
+    stock nodes: CLIPTextEncode (then ``transform(conditioning)`` when given: a method's conditioning edit),
+    KSampler ddim / ddim_uniform against the empty prompt, VAEDecode. IMAGE ``[len(captions) * per_caption, ...]``."""
     with torch.inference_mode():
         negative = call(node_map, "CLIPTextEncode", clip=clip, text="")[0]
         images = []
         for k, text in enumerate(captions):
             positive = call(node_map, "CLIPTextEncode", clip=clip, text=text)[0]
+            if transform is not None:
+                positive = transform(positive)
             latent = call(node_map, "EmptyLatentImage", width=world.IMAGE_SIZE, height=world.IMAGE_SIZE,
-                          batch_size=1)[0]
+                          batch_size=per_caption)[0]
             out = call(node_map, "KSampler", model=model, seed=seed + k, steps=steps, cfg=cfg, sampler_name="ddim",
                        scheduler="ddim_uniform", positive=positive, negative=negative, latent_image=latent,
                        denoise=1.0)[0]

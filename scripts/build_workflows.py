@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,9 +295,8 @@ def build(title: str, demo: bool, graph: list, mappings: dict) -> dict:
 
 
 def main() -> None:
-    from harness.host import boot
-    tmp = Path(tempfile.mkdtemp())
-    host = boot(None, models_dir=tmp / "models", output_dir=tmp / "out")
+    from harness.host import boot_scratch
+    host = boot_scratch("build_workflows_")
     for name, (title, demo, graph) in GRAPHS.items():
         wf = build(title, demo, graph, host.nodes.NODE_CLASS_MAPPINGS)
         (ROOT / "workflows" / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,30 +35,24 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from harness import host as H
-    work = Path(tempfile.mkdtemp(prefix="mini_bench_"))
-    h = H.boot(os.environ.get("COMFYUI_PATH") or None, models_dir=work / "models", output_dir=work / "out",
-               input_dir=work / "in", temp_dir=work / "temp")
+    h = H.boot_scratch("mini_bench_")
     import comfy.utils
     import nodes
     comfy.utils.PROGRESS_BAR_ENABLED = False  # one tqdm bar per sampled image otherwise
-    bench = importlib.import_module(f"{h.pack_module_name}.miniworld.benchmark")
-    ev_mod = importlib.import_module(f"{h.pack_module_name}.miniworld.evaluators")
-    mf = importlib.import_module(f"{h.pack_module_name}.core.mini_family")
+    bench, ev_mod, mf = h.pack("miniworld.benchmark"), h.pack("miniworld.evaluators"), h.pack("core.mini_family")
 
     cfg = bench.quick_config() if args.quick else bench.BenchConfig()
     overrides = {k: v for k, v in (("subjects", args.subjects), ("seeds", args.seeds)) if v is not None}
     if args.methods:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    types = {f.name: f.type for f in dataclasses.fields(cfg)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if types.get(key) not in ("int", "float"):
-            p.error(f"--set {item}: unknown numeric field")
-        overrides[key] = int(value) if types[key] == "int" else float(value)
     cfg = dataclasses.replace(cfg, **overrides)
+    try:
+        cfg = H.replace_numeric(cfg, args.set)
+    except ValueError as e:
+        p.error(str(e))
 
     ckpt = args.ckpt or str(mf.shipped_checkpoint())
-    model, clip, vae = mf.load_checkpoint(ckpt, embedding_directory=str(work / "models" / "embeddings"))
+    model, clip, vae = mf.load_checkpoint(ckpt, embedding_directory=str(h.models_dir / "embeddings"))
     runner = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, ev_mod.load_evaluator(), cfg)
     kits = bench.pick_subjects(cfg.subjects)
     t0 = time.perf_counter()

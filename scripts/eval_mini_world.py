@@ -13,11 +13,8 @@ family's autoencoder allows). --check exits 1 unless scene >= 90 % and shape + c
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,17 +36,12 @@ def main(argv=None) -> int:
 
     import torch
     from harness import host as H
-    work = Path(tempfile.mkdtemp(prefix="mini_eval_"))
-    h = H.boot(os.environ.get("COMFYUI_PATH") or None, models_dir=work / "models", output_dir=work / "out",
-               input_dir=work / "in", temp_dir=work / "temp")
+    h = H.boot_scratch("mini_eval_")
     import comfy.utils
     import nodes
     comfy.utils.PROGRESS_BAR_ENABLED = False  # one tqdm bar per sampled image otherwise
-    world = importlib.import_module(f"{h.pack_module_name}.miniworld.world")
-    bench = importlib.import_module(f"{h.pack_module_name}.miniworld.benchmark")
-    ev_mod = importlib.import_module(f"{h.pack_module_name}.miniworld.evaluators")
-    mf = importlib.import_module(f"{h.pack_module_name}.core.mini_family")
-    tf = importlib.import_module(f"{h.pack_module_name}.miniworld.train_family")
+    world, bench, ev_mod = h.pack("miniworld.world"), h.pack("miniworld.benchmark"), h.pack("miniworld.evaluators")
+    mf, tf = h.pack("core.mini_family"), h.pack("miniworld.train_family")
     evaluator = ev_mod.load_evaluator()
     model, clip, vae = mf.load_checkpoint(args.ckpt)
     pairs = bench.heldout_prompts(args.prompts, args.seed)

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,24 +37,18 @@ def main(argv=None) -> int:
     from harness import host as H
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
-    work = Path(tempfile.mkdtemp(prefix="mini_world_"))
-    h = H.boot(os.environ.get("COMFYUI_PATH") or None, models_dir=work / "models", output_dir=work / "out",
-               input_dir=work / "in", temp_dir=work / "temp")
-    tf = importlib.import_module(f"{h.pack_module_name}.miniworld.train_family")
-    mf = importlib.import_module(f"{h.pack_module_name}.core.mini_family")
+    h = H.boot_scratch("mini_world_")
+    tf = h.pack("miniworld.train_family")
+    mf = h.pack("core.mini_family")
     tf.init_distributed()
     cfg = tf.FamilyTrainConfig()
     if args.quick:
         cfg = dataclasses.replace(cfg, vae_steps=4, vae_batch=4, pool_size=64, diffusion_steps=4, diffusion_batch=4,
                                   log_every=2)
-    types = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in types or types[key] not in (int, float):
-            p.error(f"--set {item}: unknown numeric field (one of {', '.join(k for k, t in types.items() if t in (int, float))})")
-        overrides[key] = types[key](float(value)) if types[key] is int else float(value)
-    cfg = dataclasses.replace(cfg, **overrides)
+    try:
+        cfg = H.replace_numeric(cfg, args.set)
+    except ValueError as e:
+        p.error(str(e))
     vae_state = None
     if args.vae_from:
         _m, _c, old_vae = mf.load_checkpoint(args.vae_from)

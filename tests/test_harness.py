@@ -396,3 +396,25 @@ def test_object_info_can_replace_class_mappings():
     wf = _wf([_node(1, "Sampler", widgets=[3, "randomize", 4])], [])
     assert ui_to_api(wf, object_info=object_info) == {"1": {"inputs": {"seed": 3, "steps": 4},
                                                             "class_type": "Sampler"}}
+
+
+def test_script_overrides_replace_numeric_fields_only():
+    """Scripts' ``--set FIELD=VALUE`` (harness.host.replace_numeric): ints stay ints, unknown or non-numeric
+    fields and non-numbers are errors that list the allowed fields."""
+    import dataclasses
+
+    from harness.host import replace_numeric
+
+    @dataclasses.dataclass
+    class Cfg:
+        steps: int = 10
+        lr: float = 1e-3
+        name: str = "a"
+
+    out = replace_numeric(Cfg(), ["steps=2e3", "lr=0.5"])
+    assert out == Cfg(steps=2000, lr=0.5, name="a") and isinstance(out.steps, int)
+    assert replace_numeric(Cfg(), []) == Cfg()
+    with pytest.raises(ValueError, match="one of steps, lr"):
+        replace_numeric(Cfg(), ["name=b"])
+    with pytest.raises(ValueError, match="not a number"):
+        replace_numeric(Cfg(), ["steps=many"])

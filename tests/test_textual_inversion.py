@@ -84,3 +84,17 @@ def test_objective_gives_zero_gradient_outside_mask(host, sd15, subject):
         assert grad[m > 0].abs().max() > 0
 
 
+
+
+def test_runs_outside_inference_mode_too(host, sd15, subject, unique_name):
+    """Scripts may call the node's function directly, with autograd on (not the executor's inference mode): it
+    trains the same and returns the same embedding as under inference mode."""
+    import nodes
+    model, clip, vae = sd15
+    images, _ = subject
+    cls = nodes.NODE_CLASS_MAPPINGS["PersonalizeTrainSubjectEmbedding"]
+    args = dict(model=model, clip=clip, vae=vae, images=images, placeholder="sks", init_word="dog", steps=2,
+                learning_rate=5e-3, batch_size=1, seed=0, overwrite=False)
+    plain = getattr(cls(), cls.FUNCTION)(**args, embedding_name=unique_name("ti"))[0]
+    executor = _train(model, clip, vae, images, unique_name("ti"), steps=2)[0]
+    assert torch.equal(encode(plain, "a sks"), encode(executor, "a sks"))
