@@ -10,9 +10,13 @@ Stages, each a plain function on ComfyUI objects (imported through the pack, so 
    chosen), so that the diffusion model sees unit-variance latents.
 3. :func:`train_diffusion` - UNet and CLIP text encoder jointly, from scratch, with the DDPM ε-loss (Ho et al. 2020,
    Eq. 14) through the pack's own objective and tuning session (core/diffusion.py, core/tuning.py: the same code that
-   personalises SD), captions dropped to "" with probability ``uncond_prob`` for classifier-free guidance, and
-   attribute words dropped at random so that class-word prompts ("a photo of a star on the beach") are in the
-   training distribution.
+   personalises SD), weighted toward the subject's latent cells (:func:`subject_loss_weights`, the mask-weighted
+   loss of HiFi Tuner Eq. 5 with a floor of 1 outside the subject), captions dropped to "" with probability
+   ``uncond_prob`` for classifier-free guidance, and attribute words dropped at random so that class-word prompts
+   ("a photo of a star on the beach") are in the training distribution.
+
+The VAE is rounded to fp16 (what the file stores) before the pool is encoded, and each stage has its own
+generator, so ``--vae-from`` with a stage-1 file continues exactly as the single run would.
 
 Pairs (base subject name, scene) with :func:`is_heldout_prompt` are never shown in training: they are the
 "held-out prompts of seen subjects" the base model's prompt following is measured on.
@@ -36,17 +40,18 @@ log = logging.getLogger("comfyui_personalize")
 @dataclass
 class FamilyTrainConfig:
     seed: int = 0
-    vae_steps: int = 3600
+    vae_steps: int = 5400
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    vae_subject_weight: float = 4.0  # reconstruction loss weight 1 + this x subject coverage (the mask is free)
+    vae_subject_weight: float = 9.0  # reconstruction loss weight 1 + this x subject coverage (the mask is free)
     vae_crop: int = 32            # the first vae_crop_fraction of the VAE steps train on random crops of this size
     vae_crop_fraction: float = 0.9
     kl_weight: float = 1e-6
     pool_size: int = 16000        # training images rendered and encoded once for the diffusion stage (all ranks)
-    diffusion_steps: int = 2400
+    diffusion_steps: int = 3200
     diffusion_batch: int = 64
     diffusion_lr: float = 5e-4
+    diffusion_subject_weight: float = 4.0  # ε-loss weight 1 + this x subject coverage of each latent cell
     uncond_prob: float = 0.1
     drop_attribute_prob: float = 0.25
     log_every: int = 100
@@ -99,8 +104,9 @@ def is_heldout_prompt(subject: world.Subject, scene: str) -> bool:
     return digest[0] % 10 == 0
 
 
-def training_samples(n: int, generator: torch.Generator) -> world.SampleBatch:
-    """``n`` base-training samples (name-balanced, :func:`world.training_batch`) excluding held-out prompts."""
+def training_samples(n: int, generator: torch.Generator):
+    """``n`` base-training samples (name-balanced, :func:`world.training_batch`) excluding held-out prompts:
+    ``(images [n, 64, 64, 3], subject masks [n, 64, 64], subjects, scenes)``."""
     batches, kept = [], 0
     while kept < n:
         b = world.training_batch(min(1024, max(64, n - kept)), generator)  # chunks: 4x supersampled renders are big
@@ -108,9 +114,10 @@ def training_samples(n: int, generator: torch.Generator) -> world.SampleBatch:
         batches.append((b, keep))
         kept += len(keep)
     images = torch.cat([b.images[k] for b, k in batches])
+    masks = torch.cat([b.masks[k] for b, k in batches])
     subjects = [b.subjects[i] for b, k in batches for i in k]
     scenes = [b.scenes[i] for b, k in batches for i in k]
-    return images, subjects, scenes
+    return images, masks, subjects, scenes
 
 
 def training_caption(subject: world.Subject, scene: str, generator: torch.Generator, drop_prob: float,
@@ -243,13 +250,27 @@ class _DiffusionTrainer(torch.nn.Module):
 
     def forward(self, tokens, idx, sigma, noise):
         cond = self.text(tokens)[0]
-        loss, _ = self.objective.loss(cond, idx, sigma, noise, use_mask=False)
+        loss, _ = self.objective.loss(cond, idx, sigma, noise)  # weighted by the objective's masks, if any
         return loss
 
 
+def subject_loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], weight: float) -> torch.Tensor | None:
+    """Per-latent-cell ε-loss weights ``1 + weight x subject coverage`` (``[N, 1, h, w]``), or None for weight 0.
+
+    The scenes' fine texture noise is unpredictable and dominates the plain ε-MSE at low noise; the subject is a
+    small share of the cells. Weighting the subject's cells (the masks come free with the world) spends the
+    denoiser's capacity on what prompts ask for - shape and colour - as the VAE stage's weighted reconstruction
+    does. The loss is the weighted mean (:func:`kernels.losses.masked_mse`), so its scale does not change."""
+    if weight <= 0:
+        return None
+    from ..kernels.losses import resize_mask_to
+    return 1.0 + weight * resize_mask_to(masks, latent_size)
+
+
 def train_diffusion(model, clip, latents: torch.Tensor, subjects, scenes, cfg: FamilyTrainConfig,
-                    generator: torch.Generator, progress=None) -> list[float]:
-    """Train MODEL's UNet and CLIP's text encoder (in place) on ``latents`` (user-space, scaled) and captions."""
+                    generator: torch.Generator, progress=None, masks: torch.Tensor | None = None) -> list[float]:
+    """Train MODEL's UNet and CLIP's text encoder (in place) on ``latents`` (user-space, scaled) and captions;
+    ``masks`` ``[N, 64, 64]`` (the subjects' masks) weight the loss by :func:`subject_loss_weights`."""
     from ..core.diffusion import DiffusionObjective
     from ..core.tuning import TrainingSession
     rank, world_size = dist_info()
@@ -266,7 +287,9 @@ def train_diffusion(model, clip, latents: torch.Tensor, subjects, scenes, cfg: F
         proj = getattr(text.transformer, "text_projection", None)
         if proj is not None:
             proj.requires_grad_(False)  # only the pooled output uses it; SD1 conditions on the hidden states
-        objective = DiffusionObjective(s.model, latents, None, generator)
+        weights = None if masks is None else subject_loss_weights(masks, tuple(latents.shape[-2:]),
+                                                                  cfg.diffusion_subject_weight)
+        objective = DiffusionObjective(s.model, latents, weights, generator)
         trainer = wrap(_DiffusionTrainer(objective, unet, text))
         params = [p for p in list(unet.diffusion_model.parameters()) + list(text.parameters()) if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.diffusion_lr, weight_decay=0.01, foreach=True)
@@ -335,6 +358,8 @@ def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None =
     rank, world_size = dist_info()
     torch.manual_seed(cfg.seed)
     model, clip, vae = mini_family.build(seed=cfg.seed)
+    # one generator per stage: the diffusion stage draws the same data whether the VAE was trained in this run or
+    # reused with --vae-from, so a two-part run gives the same weights as one
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     t0 = time.perf_counter()
     if vae_state is None:
@@ -345,14 +370,18 @@ def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None =
         vae.first_stage_model.load_state_dict(vae_state)
         vae.first_stage_model.eval().requires_grad_(False)
         vae_losses = []
+    with torch.no_grad():  # the file stores fp16: the diffusion stage trains on latents of the VAE that ships
+        for p in vae.first_stage_model.parameters():
+            p.copy_(p.half().float())
     t_vae = time.perf_counter() - t0
     psnr = reconstruction_psnr(vae, world.training_batch(128, torch.Generator().manual_seed(4242)).images)
     log.info("VAE reconstruction PSNR %.2f dB", psnr)
-    images, subjects, scenes = training_samples(cfg.pool_size // world_size, generator)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + rank)
+    images, masks, subjects, scenes = training_samples(cfg.pool_size // world_size, generator)
     means = encode_means(vae, images)
     scale = latent_scale(means)
     model.model.latent_format.scale_factor = scale
-    diff_losses = train_diffusion(model, clip, means, subjects, scenes, cfg, generator, progress)
+    diff_losses = train_diffusion(model, clip, means, subjects, scenes, cfg, generator, progress, masks=masks)
     check_replicas_identical(model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)
     report = {"config": asdict(cfg), "world_size": world_size, "vae_seconds": round(t_vae, 1),
               "vae_psnr_db": round(psnr, 2), "vae_reused": vae_state is not None,

@@ -51,14 +51,15 @@ def test_diffusion_stage_lowers_eps_loss(tf, mf):
     tests' independent implementation, drops (UNet and text encoder both train)."""
     model, clip, vae = mf.build(seed=0)
     g = torch.Generator().manual_seed(1)
-    images, subjects, scenes = tf.training_samples(16, g)
+    images, masks, subjects, scenes = tf.training_samples(16, g)
+    assert masks.shape == images.shape[:3] and 0 < float(masks.mean()) < 0.5
     latents = tf.encode_means(vae, images)
     cond, _ = clip.encode_from_tokens(clip.tokenize(tf.world.caption(subjects[0], scenes[0])), return_pooled=True)
     text_before = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.weight.clone()
     before = eps_loss_reference(model, latents[:1], cond, timesteps=(100, 500, 900))
     cfg = tf.FamilyTrainConfig(diffusion_steps=30, diffusion_batch=8, diffusion_lr=1e-3, uncond_prob=0.0,
                                drop_attribute_prob=0.0, log_every=1000)
-    losses = tf.train_diffusion(model, clip, latents, subjects, scenes, cfg, g)
+    losses = tf.train_diffusion(model, clip, latents, subjects, scenes, cfg, g, masks=masks)
     assert len(losses) == 30
     cond, _ = clip.encode_from_tokens(clip.tokenize(tf.world.caption(subjects[0], scenes[0])), return_pooled=True)
     after = eps_loss_reference(model, latents[:1], cond, timesteps=(100, 500, 900))
@@ -73,7 +74,7 @@ def test_captions_and_heldout_prompts(tf):
     caps = {tf.training_caption(subject, "sand", g, 0.5, 0.2) for _ in range(200)}
     assert {"", "a photo of a striped blue star on the beach", "a photo of a star on the beach",
             "a photo of a blue star on the beach", "a photo of a striped star on the beach"} <= caps
-    images, subjects, scenes = tf.training_samples(200, g)
+    _images, _masks, subjects, scenes = tf.training_samples(200, g)
     assert not any(tf.is_heldout_prompt(s, sc) for s, sc in zip(subjects, scenes))
     pairs = [(s, sc) for s in tf.world.base_subjects()[:300] for sc in tf.world.SCENES]
     share = sum(tf.is_heldout_prompt(s, sc) for s, sc in pairs) / len(pairs)
@@ -81,16 +82,43 @@ def test_captions_and_heldout_prompts(tf):
 
 
 def test_reusing_a_trained_vae_skips_the_vae_stage(tf, mf):
-    """``train_family(vae_state=...)`` (the script's --vae-from) keeps the given autoencoder bit for bit, takes the
-    latent scale from it and reports the reuse."""
+    """``train_family(vae_state=...)`` (the script's --vae-from) keeps the given autoencoder (rounded to fp16, as
+    the file stores it), takes the latent scale from it and reports the reuse."""
     _m, _c, donor = mf.build(seed=3)
     state = {k: v.clone() for k, v in donor.first_stage_model.state_dict().items()}
     cfg = tf.FamilyTrainConfig(vae_steps=5, pool_size=16, diffusion_steps=1, diffusion_batch=2, log_every=1000)
     model, clip, vae, scale, report = tf.train_family(cfg, vae_state=state)
     for k, v in vae.first_stage_model.state_dict().items():
-        assert torch.equal(v, state[k]), k
+        assert torch.equal(v, state[k].half().float()), k
     assert report["vae_reused"] and report["vae_final_loss"] is None and scale > 0
     assert report["vae_psnr_db"] > 0 and model.model.latent_format.scale_factor == scale
+
+
+def test_subject_loss_weights_closed_form(tf):
+    """1 + w x the subject's coverage of each 8x8 latent cell; weight 0 turns the weighting off."""
+    masks = torch.zeros(2, 64, 64)
+    masks[0, 8:16, 16:24] = 1.0   # latent cell (1, 2) fully covered
+    masks[1, 0:4, 0:8] = 1.0      # cell (0, 0) half covered
+    w = tf.subject_loss_weights(masks, (8, 8), 4.0)
+    want = torch.ones(2, 1, 8, 8)
+    want[0, 0, 1, 2] = 5.0
+    want[1, 0, 0, 0] = 3.0
+    assert torch.allclose(w, want)
+    assert tf.subject_loss_weights(masks, (8, 8), 0.0) is None
+
+
+def test_two_part_run_equals_one_run(tf):
+    """Training the diffusion stage on a reused VAE (--vae-from) gives the weights of the single run that
+    trained that VAE: each stage has its own generator."""
+    cfg = tf.FamilyTrainConfig(vae_steps=2, vae_batch=2, pool_size=8, diffusion_steps=2, diffusion_batch=2,
+                               log_every=1000)
+    model, clip, vae, scale, _ = tf.train_family(cfg)
+    state = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
+    model2, clip2, _vae2, scale2, _ = tf.train_family(cfg, vae_state=state)
+    assert scale == scale2
+    for (k, a), b in zip(model.model.diffusion_model.state_dict().items(),
+                         model2.model.diffusion_model.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 @pytest.mark.slow
