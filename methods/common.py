@@ -29,4 +29,5 @@ def encode_subject(node: str, vae, images: torch.Tensor, masks: torch.Tensor | N
 def decode_previews(vae, result) -> torch.Tensor:
     """Decode the preview latents recorded during training into one IMAGE batch."""
     latents = torch.cat([lat for _step, lat in result.preview_latents], dim=0)
-    return vae.decode(latents)
+    with torch.no_grad():  # a report, not part of any loss (and the VAE's weights may be inference tensors)
+        return vae.decode(latents)
