@@ -20,19 +20,25 @@ MINI_CLASS = "star"
 MINI_SCENES = ("on the grass", "in the snow", "under the night sky")
 
 
+
+def _hifi_tune(**inputs) -> dict:
+    """HiFi Subject Tune's inputs wired to nodes 1 (a loader) and 2 (Load Subject Images), with the short test
+    settings unless ``inputs`` say otherwise."""
+    return {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0), "mask": (2, 1),
+            "caption": "a photo of an object", "n_tokens": 5, "global_steps": 4, "steps_per_step": 1,
+            "learning_rate": 0.005, "reg_weight": 0.01, "use_mask": True, "use_regularisation": True,
+            "use_stepwise": True, "seed": 0, "overwrite": True, "batch_size": 1, "gradient_checkpointing": False,
+            "mixed_precision": "auto", **inputs}
+
 def _mini_demo_graph() -> list:
     """Load Mini Model -> Load Subject Images -> HiFi Subject Tune (masked) -> per new scene: the class prompt with
     the subject's rows (HiFi Subject Conditioning) -> KSampler (ddim_uniform, the tuned timesteps) -> one batch."""
     graph = [
         (1, "PersonalizeLoadMiniModel", {"ckpt_name": MINI_CKPT}, "Load Mini Model (swap for Load Checkpoint)"),
         (2, "PersonalizeLoadSubjectImages", {"folder": MINI_SUBJECT, "size": 64}, "Reference views (held-out subject)"),
-        (3, "PersonalizeHiFiSubjectTune", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
-                                           "mask": (2, 1), "caption": f"a photo of a {MINI_CLASS}", "n_tokens": 5,
-                                           "global_steps": 300, "steps_per_step": 3, "sampling_steps": 20,
-                                           "learning_rate": 0.02, "reg_weight": 0.01, "use_mask": True,
-                                           "use_regularisation": True, "use_stepwise": True, "seed": 0,
-                                           "subject_name": "mini_demo_subject", "overwrite": True, "batch_size": 2,
-                                           "gradient_checkpointing": False, "mixed_precision": "auto"}, None),
+        (3, "PersonalizeHiFiSubjectTune", _hifi_tune(
+            caption=f"a photo of a {MINI_CLASS}", global_steps=300, steps_per_step=3, sampling_steps=20,
+            learning_rate=0.02, subject_name="mini_demo_subject", batch_size=2), None),
         (4, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
         (5, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
     ]
@@ -109,13 +115,7 @@ GRAPHS = {
     "hifi_subject_tune": ("HiFi Tuner: learn a subject, sample with it; reload the saved file and sample again", False, [
         (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
         (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
-        (3, "PersonalizeHiFiSubjectTune", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
-                                           "mask": (2, 1), "caption": "a photo of an object", "n_tokens": 5,
-                                           "global_steps": 4, "steps_per_step": 1, "sampling_steps": 4,
-                                           "learning_rate": 0.005, "reg_weight": 0.01, "use_mask": True,
-                                           "use_regularisation": True, "use_stepwise": True, "seed": 0,
-                                           "subject_name": "hifi_test_subject", "overwrite": True, "batch_size": 1,
-                                           "gradient_checkpointing": False, "mixed_precision": "auto"}, None),
+        (3, "PersonalizeHiFiSubjectTune", _hifi_tune(sampling_steps=4, subject_name="hifi_test_subject"), None),
         (4, "CLIPTextEncode", {"clip": (1, 1), "text": "a photo of an object on the beach"}, "Positive (class noun)"),
         (5, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
         (6, "PersonalizeHiFiSubjectConditioning", {"conditioning": (4, 0), "subject": (3, 0), "use_stepwise": True},
@@ -172,14 +172,8 @@ GRAPHS = {
     "hifi_reference_guided": ("HiFi Tuner: sample, then sample again guided by a reference photo (Algorithm 2)", False, [
         (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
         (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
-        (3, "PersonalizeHiFiSubjectTune", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
-                                           "mask": (2, 1), "caption": "a photo of an object", "n_tokens": 5,
-                                           "global_steps": 4, "steps_per_step": 1, "sampling_steps": 10,
-                                           "learning_rate": 0.005, "reg_weight": 0.01, "use_mask": True,
-                                           "use_regularisation": True, "use_stepwise": True, "seed": 0,
-                                           "subject_name": "hifi_reference_demo_subject", "overwrite": True,
-                                           "batch_size": 1, "gradient_checkpointing": False,
-                                           "mixed_precision": "auto"}, None),
+        (3, "PersonalizeHiFiSubjectTune", _hifi_tune(sampling_steps=10, subject_name="hifi_reference_demo_subject"),
+         None),
         (4, "CLIPTextEncode", {"clip": (1, 1), "text": "a photo of an object on the beach"}, "Positive (class noun)"),
         (5, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
         (6, "PersonalizeHiFiSubjectConditioning", {"conditioning": (4, 0), "subject": (3, 0), "use_stepwise": True},
@@ -212,14 +206,7 @@ GRAPHS = {
     "hifi_subject_replace": ("HiFi Tuner: replace the subject of a photo by a learned subject (Algorithm 3)", False, [
         (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
         (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
-        (3, "PersonalizeHiFiSubjectTune", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
-                                           "mask": (2, 1), "caption": "a photo of an object", "n_tokens": 5,
-                                           "global_steps": 4, "steps_per_step": 1, "sampling_steps": 6,
-                                           "learning_rate": 0.005, "reg_weight": 0.01, "use_mask": True,
-                                           "use_regularisation": True, "use_stepwise": True, "seed": 0,
-                                           "subject_name": "hifi_replace_demo_subject", "overwrite": True,
-                                           "batch_size": 1, "gradient_checkpointing": False,
-                                           "mixed_precision": "auto"}, None),
+        (3, "PersonalizeHiFiSubjectTune", _hifi_tune(sampling_steps=6, subject_name="hifi_replace_demo_subject"), None),
         (4, "ImageFromBatch", {"image": (2, 0), "batch_index": 1, "length": 1}, "The photo"),
         (5, "MaskToImage", {"mask": (2, 1)}, None),
         (6, "ImageFromBatch", {"image": (5, 0), "batch_index": 1, "length": 1}, None),
