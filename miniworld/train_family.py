@@ -293,7 +293,13 @@ def train_diffusion(model, clip, latents: torch.Tensor, subjects, scenes, cfg: F
         trainer = wrap(_DiffusionTrainer(objective, unet, text))
         params = [p for p in list(unet.diffusion_model.parameters()) + list(text.parameters()) if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.diffusion_lr, weight_decay=0.01, foreach=True)
-        tokenizer = clip.tokenizer
+        tokenizer, token_cache = clip.tokenizer, {}
+
+        def tokens_of(caption: str) -> list[int]:  # the world has a few thousand captions: BPE each once
+            if caption not in token_cache:
+                token_cache[caption] = [t for t, _w in tokenizer.tokenize_with_weights(caption)["l"][0]]
+            return token_cache[caption]
+
         for step in range(cfg.diffusion_steps):
             lr = cfg.diffusion_lr * _schedule(step, cfg.diffusion_steps)
             for group in opt.param_groups:
@@ -301,7 +307,7 @@ def train_diffusion(model, clip, latents: torch.Tensor, subjects, scenes, cfg: F
             idx, sigma, noise = objective.sample(cfg.diffusion_batch)
             captions = [training_caption(subjects[i], scenes[i], generator, cfg.drop_attribute_prob,
                                          cfg.uncond_prob) for i in idx.tolist()]
-            tokens = [[t for t, _w in tokenizer.tokenize_with_weights(c)["l"][0]] for c in captions]
+            tokens = [tokens_of(c) for c in captions]
             loss = trainer(tokens, idx, sigma, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
