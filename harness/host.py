@@ -226,9 +226,12 @@ def replace_numeric(config, items: list[str]):
         if key not in numeric:
             raise ValueError(f"--set {item}: not a numeric field; one of {', '.join(numeric)}")
         try:
-            changes[key] = int(float(value)) if kinds[key] is int else float(value)
+            number = float(value)
         except ValueError:
             raise ValueError(f"--set {item}: {value!r} is not a number") from None
+        if kinds[key] is int and not number.is_integer():
+            raise ValueError(f"--set {item}: {key} takes a whole number")
+        changes[key] = int(number) if kinds[key] is int else number
     return dataclasses.replace(config, **changes)
 
 

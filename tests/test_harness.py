@@ -418,3 +418,5 @@ def test_script_overrides_replace_numeric_fields_only():
         replace_numeric(Cfg(), ["name=b"])
     with pytest.raises(ValueError, match="not a number"):
         replace_numeric(Cfg(), ["steps=many"])
+    with pytest.raises(ValueError, match="steps takes a whole number"):
+        replace_numeric(Cfg(), ["steps=2.5"])  # not silently truncated to 2
