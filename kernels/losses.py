@@ -19,14 +19,18 @@ def resize_mask_to(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask, size=size, mode="area").clamp_(0.0, 1.0)
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+               sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over the masked elements: ``sum(M * (pred - target)^2) / sum(M_broadcast)``.
 
     HiFi Tuner Eq. 5 (``||M ⊙ (ε_θ - ε)||²``) normalised by the number of masked elements (methods.md §1.10.4).
     ``mask`` is ``[B, 1, h, w]`` (broadcast over channels) or ``None`` for the plain mean. Elements outside the
-    mask get exactly zero gradient.
+    mask get exactly zero gradient. ``sample_weight`` ``[B]`` scales each sample's terms in the numerator only (a
+    per-timestep loss weight such as Min-SNR's), so the weights are not renormalised away.
     """
     err = (pred.float() - target.float()).pow(2)
+    if sample_weight is not None:
+        err = err * sample_weight.to(err).view(-1, *([1] * (err.ndim - 1)))
     if mask is None:
         return err.mean()
     m = mask.to(err.dtype).expand_as(err)

@@ -262,10 +262,12 @@ def prompt_following(evaluator: Evaluator, images: torch.Tensor, pairs) -> dict[
 
 
 def sample_captions(node_map: dict, model, clip, vae, captions: list[str], *, steps: int = 20, cfg: float = 5.0,
-                    seed: int = 0, per_caption: int = 1, transform=None) -> torch.Tensor:
+                    seed: int = 0, per_caption: int = 1, transform=None, sampler: str = "ddim",
+                    scheduler: str = "ddim_uniform") -> torch.Tensor:
     """``per_caption`` images per caption (one latent batch, KSampler seed ``seed + k`` for caption ``k``) through
     stock nodes: CLIPTextEncode (then ``transform(conditioning)`` when given: a method's conditioning edit),
-    KSampler ddim / ddim_uniform against the empty prompt, VAEDecode. IMAGE ``[len(captions) * per_caption, ...]``."""
+    KSampler (``sampler`` / ``scheduler``, ddim / ddim_uniform by default) against the empty prompt, VAEDecode.
+    IMAGE ``[len(captions) * per_caption, ...]``."""
     with torch.inference_mode():
         negative = call(node_map, "CLIPTextEncode", clip=clip, text="")[0]
         images = []
@@ -275,9 +277,29 @@ def sample_captions(node_map: dict, model, clip, vae, captions: list[str], *, st
                 positive = transform(positive)
             latent = call(node_map, "EmptyLatentImage", width=world.IMAGE_SIZE, height=world.IMAGE_SIZE,
                           batch_size=per_caption)[0]
-            out = call(node_map, "KSampler", model=model, seed=seed + k, steps=steps, cfg=cfg, sampler_name="ddim",
-                       scheduler="ddim_uniform", positive=positive, negative=negative, latent_image=latent,
+            out = call(node_map, "KSampler", model=model, seed=seed + k, steps=steps, cfg=cfg, sampler_name=sampler,
+                       scheduler=scheduler, positive=positive, negative=negative, latent_image=latent,
                        denoise=1.0)[0]
+            images.append(call(node_map, "VAEDecode", samples=out, vae=vae)[0])
+    return torch.cat(images).float()
+
+
+def restart_captions(node_map: dict, model, clip, latents: torch.Tensor, vae, captions: list[str], start_step: int,
+                     *, steps: int = 20, cfg: float = 5.0, seed: int = 0, sampler: str = "ddim",
+                     scheduler: str = "ddim_uniform") -> torch.Tensor:
+    """Where does the denoiser lose the prompt? Each user-space latent ``latents[k]`` (an encoded world render of
+    ``captions[k]``) is noised to the sigma of step ``start_step`` of ``steps`` and the rest is sampled with stock
+    KSamplerAdvanced (``start_at_step``; seed ``seed + k``), then VAEDecode: at ``start_step`` 0 it is plain
+    sampling, near ``steps`` it approaches the VAE's own reconstruction. IMAGE ``[len(captions), ...]``."""
+    with torch.inference_mode():
+        negative = call(node_map, "CLIPTextEncode", clip=clip, text="")[0]
+        images = []
+        for k, text in enumerate(captions):
+            positive = call(node_map, "CLIPTextEncode", clip=clip, text=text)[0]
+            out = call(node_map, "KSamplerAdvanced", model=model, add_noise="enable", noise_seed=seed + k,
+                       steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler, positive=positive,
+                       negative=negative, latent_image={"samples": latents[k:k + 1].clone()},
+                       start_at_step=start_step, end_at_step=10000, return_with_leftover_noise="disable")[0]
             images.append(call(node_map, "VAEDecode", samples=out, vae=vae)[0])
     return torch.cat(images).float()
 

@@ -52,6 +52,7 @@ class FamilyTrainConfig:
     diffusion_batch: int = 64
     diffusion_lr: float = 5e-4
     diffusion_subject_weight: float = 4.0  # ε-loss weight 1 + this x subject coverage of each latent cell
+    diffusion_snr_gamma: float = 0.0  # > 0: Min-SNR-γ timestep weighting of the ε-loss (core/diffusion.py)
     uncond_prob: float = 0.1
     drop_attribute_prob: float = 0.25
     log_every: int = 100
@@ -242,15 +243,17 @@ class _DiffusionTrainer(torch.nn.Module):
     """ε-loss of the MODEL with captions encoded by the (trainable) CLIP text encoder, through the pack's
     DiffusionObjective (the host's apply_model and model_sampling)."""
 
-    def __init__(self, objective, base_model, text_encoder):
+    def __init__(self, objective, base_model, text_encoder, snr_gamma: float = 0.0):
         super().__init__()
         self.objective = objective
+        self.snr_gamma = snr_gamma
         self.base = base_model
         self.text = text_encoder
 
     def forward(self, tokens, idx, sigma, noise):
         cond = self.text(tokens)[0]
-        loss, _ = self.objective.loss(cond, idx, sigma, noise)  # weighted by the objective's masks, if any
+        # weighted by the objective's masks, if any, and by Min-SNR-γ when snr_gamma > 0
+        loss, _ = self.objective.loss(cond, idx, sigma, noise, snr_gamma=self.snr_gamma)
         return loss
 
 
@@ -290,7 +293,7 @@ def train_diffusion(model, clip, latents: torch.Tensor, subjects, scenes, cfg: F
         weights = None if masks is None else subject_loss_weights(masks, tuple(latents.shape[-2:]),
                                                                   cfg.diffusion_subject_weight)
         objective = DiffusionObjective(s.model, latents, weights, generator)
-        trainer = wrap(_DiffusionTrainer(objective, unet, text))
+        trainer = wrap(_DiffusionTrainer(objective, unet, text, cfg.diffusion_snr_gamma))
         params = [p for p in list(unet.diffusion_model.parameters()) + list(text.parameters()) if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.diffusion_lr, weight_decay=0.01, foreach=True)
         tokenizer, token_cache = clip.tokenizer, {}
@@ -354,16 +357,22 @@ def check_replicas_identical(*modules: torch.nn.Module) -> None:
         raise RuntimeError(f"DDP replicas diverged: parameter checksums {float(lo)!r} .. {float(hi)!r}")
 
 
-def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None = None, on_vae_trained=None):
+def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None = None, on_vae_trained=None,
+                 init_state: tuple[dict, dict] | None = None):
     """All stages from a fresh initialisation (or, with ``vae_state``, a trained VAE's ``first_stage_model``
-    weights, skipping stage 1). ``on_vae_trained(model, clip, vae)`` runs after stage 1 (the script saves the
-    family there, so a long run's autoencoder survives an interrupted diffusion stage). Returns ``(model, clip,
+    weights, skipping stage 1; with ``init_state`` = (UNet ``diffusion_model``, text encoder ``clip_l``) state
+    dicts, the diffusion stage continues from those weights instead of a fresh initialisation).
+    ``on_vae_trained(model, clip, vae)`` runs after stage 1 (the script saves the family there, so a long run's
+    autoencoder survives an interrupted diffusion stage). Returns ``(model, clip,
     vae, scale_factor, report)``; every rank ends with identical weights (DDP), rank 0 writes the file
     (scripts/train_mini_world.py)."""
     from ..core import mini_family
     rank, world_size = dist_info()
     torch.manual_seed(cfg.seed)
     model, clip, vae = mini_family.build(seed=cfg.seed)
+    if init_state is not None:
+        model.model.diffusion_model.load_state_dict(init_state[0])
+        clip.cond_stage_model.clip_l.load_state_dict(init_state[1])
     # one generator per stage: the diffusion stage draws the same data whether the VAE was trained in this run or
     # reused with --vae-from, so a two-part run gives the same weights as one
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -391,6 +400,7 @@ def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None =
     check_replicas_identical(model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)
     report = {"config": asdict(cfg), "world_size": world_size, "vae_seconds": round(t_vae, 1),
               "vae_psnr_db": round(psnr, 2), "vae_reused": vae_state is not None,
+              "diffusion_continued": init_state is not None,
               "total_seconds": round(time.perf_counter() - t0, 1), "scale_factor": scale,
               "vae_final_loss": sum(vae_losses[-50:]) / len(vae_losses[-50:]) if vae_losses else None,
               "diffusion_final_loss": sum(diff_losses[-50:]) / max(1, len(diff_losses[-50:]))}

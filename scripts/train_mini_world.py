@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/train_mini_world.py [--out models/mini_world.safetensors] [--quick]
     torchrun --nproc_per_node=2 scripts/train_mini_world.py ...      # DDP (gloo on CPU, nccl on GPU)
+    ... --vae-from FILE      # reuse FILE's VAE, train UNet + text encoder from scratch
+    ... --init-from FILE     # continue FILE's UNet + text encoder (more compute on a trained family)
 
 Boots ComfyUI in-process (COMFYUI_PATH or the default host tree), builds the family with ComfyUI's own classes
 (core/mini_family.py), trains VAE, then UNet + text encoder (miniworld/train_family.py), and writes the fp16 file and
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a few steps of each stage (smoke test)")
     p.add_argument("--vae-from", metavar="FILE",
                    help="reuse the VAE of an earlier mini-family file and train only UNet + text encoder")
+    p.add_argument("--init-from", metavar="FILE",
+                   help="continue training the UNet and text encoder of an earlier mini-family file (its VAE is "
+                        "reused unless --vae-from names another); pass --set seed=N to draw fresh samples")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a FamilyTrainConfig field (miniworld/train_family.py), e.g. --set vae_steps=500")
@@ -49,7 +54,11 @@ def main(argv=None) -> int:
         cfg = H.replace_numeric(cfg, args.set)
     except ValueError as e:
         p.error(str(e))
-    vae_state = None
+    vae_state = init_state = None
+    if args.init_from:
+        old_model, old_clip, old_vae = mf.load_checkpoint(args.init_from)
+        init_state = (old_model.model.diffusion_model.state_dict(), old_clip.cond_stage_model.clip_l.state_dict())
+        vae_state = old_vae.first_stage_model.state_dict()
     if args.vae_from:
         _m, _c, old_vae = mf.load_checkpoint(args.vae_from)
         vae_state = old_vae.first_stage_model.state_dict()
@@ -62,7 +71,8 @@ def main(argv=None) -> int:
             mf.save_checkpoint(stage1, model, clip, vae, tf.token_ids_of_world(clip), 1.0, {"stage": "vae"})
             logging.info("VAE stage saved to %s (reuse it with --vae-from)", stage1)
 
-    model, clip, vae, scale, report = tf.train_family(cfg, vae_state=vae_state, on_vae_trained=save_stage1)
+    model, clip, vae, scale, report = tf.train_family(cfg, vae_state=vae_state, on_vae_trained=save_stage1,
+                                                      init_state=init_state)
     if rank == 0:
         digest = mf.save_checkpoint(out, model, clip, vae, tf.token_ids_of_world(clip), scale,
                                     {"training": report})

@@ -50,6 +50,21 @@ def test_masked_mse_closed_form_and_zero_grad_outside(K):
     torch.testing.assert_close(K.masked_mse(pred, target, None), (pred - target).pow(2).mean())
 
 
+def test_masked_mse_sample_weight_scales_each_sample_without_renormalising(K):
+    """Per-sample weights multiply each sample's masked terms; the denominator stays the mask's element count
+    (written out sample by sample)."""
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(3, 4, 6, 6, generator=g), torch.randn(3, 4, 6, 6, generator=g)
+    mask = torch.rand(3, 1, 6, 6, generator=g) + 0.5
+    w = torch.tensor([0.25, 1.0, 3.0])
+    expected = sum(float(w[i] * (mask[i] * (pred[i] - target[i]).pow(2)).sum()) for i in range(3))
+    expected /= float(mask.expand(3, 4, 6, 6).sum())
+    assert abs(float(K.masked_mse(pred, target, mask, w)) - expected) < 1e-5 * abs(expected)
+    plain = sum(float(w[i] * (pred[i] - target[i]).pow(2).mean()) for i in range(3)) / 3
+    assert abs(float(K.masked_mse(pred, target, None, w)) - plain) < 1e-5 * plain
+    torch.testing.assert_close(K.masked_mse(pred, target, mask, torch.ones(3)), K.masked_mse(pred, target, mask))
+
+
 def test_resize_mask_area_keeps_coverage(K):
     m = torch.zeros(1, 16, 16)
     m[:, :8, :] = 1

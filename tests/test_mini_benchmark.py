@@ -71,6 +71,27 @@ def test_real_images_bound_scores_the_subject_not_the_scene(host, bench, shipped
     assert swapped.prompt_fidelity == pytest.approx(own.prompt_fidelity, abs=0.05)  # same scenes either way
 
 
+def test_restart_from_noised_renders_ends_at_the_vae_reconstruction(host, bench, shipped):
+    """``restart_captions`` (eval_mini_world --restart-at): from the last step of the schedule the sample is the
+    render's own VAE reconstruction up to the smallest sigma's noise; from step 0 it is a fresh sample, far from
+    it. Both go through stock KSamplerAdvanced with the render's latent."""
+    import nodes
+    _, (model, clip, vae) = shipped
+    w, tf = bench.world, pack_module(host, "miniworld.train_family")
+    pairs = bench.heldout_prompts(2, 0)
+    real = w.render_batch([s for s, _ in pairs], [sc for _, sc in pairs], [0, 1]).images
+    means = tf.encode_means(vae, real)
+    with torch.inference_mode():
+        ae = vae.first_stage_model
+        recon = ((ae.decoder(ae.post_quant_conv(means)) + 1) / 2).clamp(0, 1).movedim(1, -1).float()
+    captions = [w.caption(s, sc) for s, sc in pairs]
+    late = bench.restart_captions(nodes.NODE_CLASS_MAPPINGS, model, clip, means, vae, captions, 19, steps=20)
+    fresh = bench.restart_captions(nodes.NODE_CLASS_MAPPINGS, model, clip, means, vae, captions, 0, steps=20)
+    assert late.shape == fresh.shape == recon.shape
+    err_late, err_fresh = float((late - recon).abs().mean()), float((fresh - recon).abs().mean())
+    assert err_late < 0.05 and err_fresh > 3 * err_late, (err_late, err_fresh)
+
+
 def test_quick_evaluation_personalisation_beats_the_base_model(host, bench, shipped, evaluator):
     """CI's short `make eval`: every personalisation method's subject fidelity (DINO analog) is above the base
     model's with the class word only, on the trained mini family, through the nodes."""

@@ -68,6 +68,35 @@ def test_diffusion_stage_lowers_eps_loss(tf, mf):
     assert not torch.equal(text_before, text_after)
 
 
+def test_min_snr_weighting_of_the_eps_loss(tf, mf, host):
+    """``snr_gamma`` weights each sample by min(SNR, γ)/SNR (Hang et al. 2023, ε-prediction form), SNR = 1/σ²:
+    checked against the unweighted per-sample losses of the same batch (same noise, same model), recombined by hand."""
+    diffusion = pack_module(host, "core.diffusion")
+    model, clip, vae = mf.build(seed=0)
+    images, masks, _subjects, _scenes = tf.training_samples(4, torch.Generator().manual_seed(5))
+    latents = tf.encode_means(vae, images)
+    weights = tf.subject_loss_weights(masks, tuple(latents.shape[-2:]), 4.0)
+    cond, _ = clip.encode_from_tokens(clip.tokenize("a photo of a red star on the grass"), return_pooled=True)
+    import comfy.model_management as mm
+    mm.load_models_gpu([model])
+    obj = diffusion.DiffusionObjective(model, latents, weights, torch.Generator().manual_seed(0))
+    idx = torch.arange(4)
+    sigma = obj.sigmas[torch.tensor([10, 120, 400, 900])]  # σ from ~0.05 (weight ≪ 1) to > 1/√5 (weight 1)
+    noise = torch.randn(4, *latents.shape[1:], generator=torch.Generator().manual_seed(6))
+    gamma = 5.0
+    with torch.no_grad():
+        weighted, _ = obj.loss(cond, idx, sigma, noise, snr_gamma=gamma)
+        per_sample = [obj.loss(cond, idx[i:i + 1], sigma[i:i + 1], noise[i:i + 1])[0] for i in range(4)]
+    snr = 1.0 / sigma.double() ** 2
+    w = [min(float(s), gamma) / float(s) for s in snr]
+    assert w[0] < 0.05 and w[3] == 1.0
+    cell_mass = [float(weights[i].sum()) for i in range(4)]  # each per-sample loss is normalised by its own mask
+    expected = sum(w[i] * float(per_sample[i]) * cell_mass[i] for i in range(4)) / sum(cell_mass)
+    assert abs(float(weighted) - expected) < 1e-4 * expected, (float(weighted), expected)
+    unweighted = sum(float(per_sample[i]) * cell_mass[i] for i in range(4)) / sum(cell_mass)
+    assert float(weighted) < unweighted
+
+
 def test_captions_and_heldout_prompts(tf):
     g = torch.Generator().manual_seed(0)
     subject = tf.world.Subject("star", "blue", "striped", "yellow")
@@ -92,6 +121,23 @@ def test_reusing_a_trained_vae_skips_the_vae_stage(tf, mf):
         assert torch.equal(v, state[k].half().float()), k
     assert report["vae_reused"] and report["vae_final_loss"] is None and scale > 0
     assert report["vae_psnr_db"] > 0 and model.model.latent_format.scale_factor == scale
+
+
+def test_continuing_from_trained_weights(tf, mf):
+    """``train_family(init_state=...)`` (the script's --init-from) starts the diffusion stage from the given UNet
+    and text encoder instead of a fresh initialisation (0 steps: the weights come back unchanged) and says so."""
+    donor_model, donor_clip, donor_vae = mf.build(seed=3)
+    init = (donor_model.model.diffusion_model.state_dict(), donor_clip.cond_stage_model.clip_l.state_dict())
+    cfg = tf.FamilyTrainConfig(pool_size=8, diffusion_steps=0, diffusion_batch=2, log_every=1000)
+    model, clip, _vae, _scale, report = tf.train_family(cfg, vae_state=donor_vae.first_stage_model.state_dict(),
+                                                        init_state=init)
+    fresh_model, _c, _v = mf.build(seed=0)
+    for k, v in model.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, init[0][k]), k
+    for k, v in clip.cond_stage_model.clip_l.state_dict().items():
+        assert torch.equal(v, init[1][k]), k
+    assert any(not torch.equal(v, fresh_model.model.diffusion_model.state_dict()[k]) for k, v in init[0].items())
+    assert report["diffusion_continued"] and report["vae_reused"]
 
 
 def test_subject_loss_weights_closed_form(tf):
