@@ -145,11 +145,27 @@ def uninference(module: torch.nn.Module) -> int:
     n = 0
     for m in module.modules():
         for k, p in list(m._parameters.items()):
-            if p is not None and p.is_inference():
+            if p is not None and _lacks_version_counter(p):
                 m._parameters[k] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
                 n += 1
         for k, b in list(m._buffers.items()):
-            if b is not None and b.is_inference():
-                m._buffers[k] = b.clone()
+            if b is not None and _lacks_version_counter(b):
+                m._buffers[k] = b.detach().clone()
                 n += 1
     return n
+
+
+def _lacks_version_counter(t: torch.Tensor) -> bool:
+    """True for inference tensors and for the half-converted ones ``Module.to(device)`` leaves behind.
+
+    Moving a module assigns ``param.data = moved`` (``set_data``): a Parameter created under inference mode then
+    reports ``is_inference() == False`` but still has no version counter, so autograd fails on it with
+    "Inference tensors do not track version counter". That happens whenever the host moves a loader's weights to
+    the GPU outside inference mode (on the CPU nothing moves and the weights stay plain inference tensors)."""
+    if t.is_inference():
+        return True
+    try:
+        t._version
+    except RuntimeError:
+        return True
+    return False

@@ -55,6 +55,31 @@ MINI_VAE_CONFIG = {
     "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
                  "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
 }
+
+
+def vae_config(ch: int = MINI_VAE_CONFIG["ddconfig"]["ch"],
+               num_res_blocks: int = MINI_VAE_CONFIG["ddconfig"]["num_res_blocks"]) -> dict:
+    """The mini VAE's configuration at another width / depth (same latent layout: 4 channels, 8x down). ``ch``:
+    a multiple of 32 (the autoencoder's GroupNorm has 32 groups)."""
+    if ch % 32 or not 32 <= ch <= 256 or not 1 <= num_res_blocks <= 4:
+        raise ValueError(f"VAE width {ch} / blocks {num_res_blocks}: the width must be 32, 64, ... 256 and the "
+                         "blocks per level 1 to 4")
+    cfg = copy.deepcopy(MINI_VAE_CONFIG)
+    cfg["ddconfig"].update(ch=int(ch), num_res_blocks=int(num_res_blocks))
+    return cfg
+
+
+def _is_mini_vae_config(cfg) -> bool:
+    """A :func:`vae_config` variant: only the width and the blocks per level may differ from the default."""
+    if not isinstance(cfg, dict) or set(cfg) != set(MINI_VAE_CONFIG) or not isinstance(cfg.get("ddconfig"), dict):
+        return False
+    dd = cfg["ddconfig"]
+    try:
+        return vae_config(dd["ch"], dd["num_res_blocks"]) == cfg
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 DEFAULT_SCALE_FACTOR = 0.18215  # replaced by the trained VAE's measured 1/std in the file's metadata
 
 
@@ -135,14 +160,15 @@ def _token_table(width: int) -> torch.Tensor:
 
 
 def build(state_dict: dict | None = None, *, scale_factor: float = DEFAULT_SCALE_FACTOR, seed: int = 0,
-          embedding_directory=None):
+          embedding_directory=None, vae_cfg: dict | None = None):
     """ComfyUI ``(MODEL, CLIP, VAE)`` of the mini family: from ``state_dict`` (file layout, sparse token table
-    expanded), or freshly initialised with ``seed`` when it is None."""
+    expanded), or freshly initialised with ``seed`` when it is None. ``vae_cfg``: a :func:`vae_config` variant
+    (default :data:`MINI_VAE_CONFIG`); the VAE object remembers it as ``mini_vae_config`` for the file."""
     with torch.no_grad():  # the hosts' constructors write weights in place (loaders run under inference mode)
-        return _build(state_dict, scale_factor, seed, embedding_directory)
+        return _build(state_dict, scale_factor, seed, embedding_directory, vae_cfg or MINI_VAE_CONFIG)
 
 
-def _build(state_dict, scale_factor, seed, embedding_directory):
+def _build(state_dict, scale_factor, seed, embedding_directory, vae_cfg):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
@@ -161,8 +187,9 @@ def _build(state_dict, scale_factor, seed, embedding_directory):
                                              offload_device=mm.unet_offload_device())
     if state_dict is None:
         from comfy.ldm.models.autoencoder import AutoencoderKL
-        vae_sd = initialise(AutoencoderKL(**copy.deepcopy(MINI_VAE_CONFIG)), seed + 1).state_dict()
-    vae = comfy.sd.VAE(sd=vae_sd, config={"params": copy.deepcopy(MINI_VAE_CONFIG)})
+        vae_sd = initialise(AutoencoderKL(**copy.deepcopy(vae_cfg)), seed + 1).state_dict()
+    vae = comfy.sd.VAE(sd=vae_sd, config={"params": copy.deepcopy(vae_cfg)})
+    vae.mini_vae_config = copy.deepcopy(vae_cfg)
     clip = comfy.sd.CLIP(mini_clip_target(), embedding_directory=embedding_directory)
     if state_dict is None:
         initialise(clip.cond_stage_model, seed + 2)
@@ -201,15 +228,16 @@ def state_dict_for_file(model, clip, vae, token_ids: torch.Tensor, dtype=torch.f
             continue
         out["cond_stage_model." + k] = v
     ids = torch.as_tensor(sorted(set(int(i) for i in token_ids)), dtype=torch.int64)
-    out["cond_stage_model.token_rows"] = _text_embedding(clip).weight.detach()[ids]
+    table = _text_embedding(clip).weight.detach()
+    out["cond_stage_model.token_rows"] = table[ids.to(table.device)]
     out["cond_stage_model.token_ids"] = ids
     return {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
             for k, v in out.items()}
 
 
-def file_metadata(scale_factor: float, extra: dict | None = None) -> dict:
+def file_metadata(scale_factor: float, extra: dict | None = None, vae_cfg: dict | None = None) -> dict:
     meta = {"format": FORMAT, "unet_config": json.dumps(MINI_UNET_CONFIG), "clip_config": json.dumps(MINI_CLIP_CONFIG),
-            "vae_config": json.dumps(MINI_VAE_CONFIG), "scale_factor": repr(float(scale_factor))}
+            "vae_config": json.dumps(vae_cfg or MINI_VAE_CONFIG), "scale_factor": repr(float(scale_factor))}
     meta.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (extra or {}).items()})
     return meta
 
@@ -246,13 +274,16 @@ def load_checkpoint(path, embedding_directory=None):
     if meta.get("format") != FORMAT:
         raise PersonalizeError(f"{path.name} is not a mini-world checkpoint (format {meta.get('format')!r}, expected "
                                f"{FORMAT!r}). Load SD checkpoints with Load Checkpoint instead.")
-    for key, want in (("unet_config", MINI_UNET_CONFIG), ("clip_config", MINI_CLIP_CONFIG),
-                      ("vae_config", MINI_VAE_CONFIG)):
-        if json.loads(meta.get(key, "null")) != want:
+    file_vae = json.loads(meta.get("vae_config", "null"))
+    for key, ok in (("unet_config", json.loads(meta.get("unet_config", "null")) == MINI_UNET_CONFIG),
+                    ("clip_config", json.loads(meta.get("clip_config", "null")) == MINI_CLIP_CONFIG),
+                    ("vae_config", _is_mini_vae_config(file_vae))):
+        if not ok:
             raise PersonalizeError(f"{path.name} was made with another mini-family configuration ({key}); re-create "
                                    "it with `make mini-world` for this version of the pack.")
     return build({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                 scale_factor=float(meta["scale_factor"]), embedding_directory=embedding_directory)
+                 scale_factor=float(meta["scale_factor"]), embedding_directory=embedding_directory,
+                 vae_cfg=file_vae)
 
 
 def save_checkpoint(path, model, clip, vae, token_ids: torch.Tensor, scale_factor: float,
@@ -263,7 +294,8 @@ def save_checkpoint(path, model, clip, vae, token_ids: torch.Tensor, scale_facto
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state_dict_for_file(model, clip, vae, token_ids), str(tmp), metadata=file_metadata(scale_factor, extra))
+    save_file(state_dict_for_file(model, clip, vae, token_ids), str(tmp), metadata=file_metadata(scale_factor, extra,
+                                                                               getattr(vae, "mini_vae_config", None)))
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     os.replace(tmp, path)
     sha = path.with_name(path.name + ".sha256")

@@ -70,7 +70,9 @@ class PlaceholderEmbeddings(torch.nn.Module):
         self.vectors = torch.nn.ParameterDict()
         for key, toks in init_ids.items():
             weight = token_embedding(clip, key).weight
-            init = weight[toks].detach().float().mean(0).clone()  # mean over the init word's tokens
+            # mean over the init word's tokens; detach first: a table the executor moved to the GPU is an
+            # inference tensor, which autograd may not record
+            init = weight.detach()[toks].float().mean(0).clone()
             self.vectors[key] = torch.nn.Parameter(init)
 
     def attach(self, clip) -> None:

@@ -3,7 +3,8 @@
 Follows docs/comfyui-host.md section 9.2 (verified on the 2024 tree a28a9dc and on v0.3.64):
 
 1. ``comfy.cli_args.args.cpu = True`` and ``fp32_text_enc = True`` before anything imports
-   ``comfy.model_management``.
+   ``comfy.model_management`` (unless ``PERSONALIZE_DEVICE=auto``: then ComfyUI picks the device, see
+   :func:`host_device`).
 2. Model folders, output/input/temp directories and a fresh ``custom_nodes`` directory are registered with
    ``folder_paths``. The custom_nodes directory holds one symlink, ``comfyui_personalize`` -> the repository root,
    so the pack is imported exactly like a user install (``custom_nodes/<folder>/__init__.py``).
@@ -253,6 +254,16 @@ def _check_clean_process(path: Path) -> None:
         raise HostBootError("comfy.model_management was imported before boot(); args.cpu cannot be applied")
 
 
+def host_device() -> str:
+    """``$PERSONALIZE_DEVICE``: ``cpu`` (the default: ComfyUI's ``--cpu`` and ``--fp32-text-enc``, what CI and the
+    demo run) or ``auto`` (ComfyUI's own choice with its default dtypes, i.e. the GPU and fp16 weights where one
+    exists: how users run it; used to check the GPU paths on a GPU machine)."""
+    value = (os.environ.get("PERSONALIZE_DEVICE") or "cpu").strip().lower()
+    if value not in ("cpu", "auto"):
+        raise HostBootError(f"PERSONALIZE_DEVICE={value!r}: expected 'cpu' (default) or 'auto'")
+    return value
+
+
 def _cpu_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -334,9 +345,10 @@ def _boot(path: Path, models_dir: Path, output_dir: Path, input_dir: Path | None
     import comfy.cli_args  # noqa: E402  (argument parsing is off when ComfyUI is imported as a library)
 
     args = comfy.cli_args.args
-    args.cpu = True
-    if hasattr(args, "fp32_text_enc"):
-        args.fp32_text_enc = True
+    if host_device() == "cpu":
+        args.cpu = True
+        if hasattr(args, "fp32_text_enc"):
+            args.fp32_text_enc = True
     if hasattr(args, "disable_api_nodes"):
         args.disable_api_nodes = True
 

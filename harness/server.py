@@ -112,18 +112,21 @@ class ComfyServer:
     def command(self) -> list[str]:
         assert self.workdir is not None and self.port is not None
         flags = supported_flags(self.comfyui_path)
-        cmd = [self.python, str(self.comfyui_path / "main.py"), "--cpu", "--listen", "127.0.0.1",
+        from .host import host_device
+        cpu = ["--cpu"] if host_device() == "cpu" else []
+        cmd = [self.python, str(self.comfyui_path / "main.py"), *cpu, "--listen", "127.0.0.1",
                "--port", str(self.port),
                "--extra-model-paths-config", str(self.workdir / "extra_model_paths.yaml"),
                "--output-directory", str(self.output_dir)]
         optional: list[tuple[str, list[str]]] = [
             ("--disable-auto-launch", []),
-            ("--fp32-text-enc", []),
             ("--temp-directory", [str(self.workdir)]),
             ("--disable-api-nodes", []),
             ("--user-directory", [str(self.workdir / "user")]),
             ("--database-url", [f"sqlite:///{self.workdir / 'comfyui.db'}"]),
         ]
+        if cpu:
+            optional.append(("--fp32-text-enc", []))
         if self.input_dir is not None:
             optional.append(("--input-directory", [str(self.input_dir)]))
         for flag, values in optional:

@@ -46,6 +46,10 @@ class FamilyTrainConfig:
     vae_subject_weight: float = 9.0  # reconstruction loss weight 1 + this x subject coverage (the mask is free)
     vae_crop: int = 32            # the first vae_crop_fraction of the VAE steps train on random crops of this size
     vae_crop_fraction: float = 0.9
+    vae_ch: int = 32              # the VAE's base width (core/mini_family.vae_config); the file records it
+    vae_res_blocks: int = 1       # residual blocks per VAE level
+    vae_pool: int = 0             # > 0: render this many images once and draw the VAE batches from them (a GPU
+                                  # trains faster than the CPU renders); 0: render every batch afresh
     kl_weight: float = 1e-6
     pool_size: int = 16000        # training images rendered and encoded once for the diffusion stage (all ranks)
     diffusion_steps: int = 3200
@@ -56,6 +60,8 @@ class FamilyTrainConfig:
     uncond_prob: float = 0.1
     drop_attribute_prob: float = 0.25
     log_every: int = 100
+    checkpoint_every: int = 0     # > 0: hand the family to on_checkpoint every this many diffusion steps (the script
+                                  # writes it, so a run stopped by a time limit keeps its last checkpoint)
     extra: dict = field(default_factory=dict)
 
 
@@ -70,12 +76,30 @@ def dist_info() -> tuple[int, int]:
 
 
 def init_distributed() -> bool:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1 in the environment)."""
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1 in the environment).
+
+    nccl with one GPU per rank (``LOCAL_RANK``) when ComfyUI runs on CUDA and this node has a GPU for each local
+    rank; otherwise gloo (CPU, or more ranks than GPUs: gloo all-reduces CUDA tensors too)."""
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        import comfy.model_management as mm
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        on_cuda = mm.get_torch_device().type == "cuda"
+        nccl = on_cuda and dist.is_nccl_available() and torch.cuda.device_count() >= local_world
+        if nccl:
+            torch.cuda.set_device(local_rank)  # ComfyUI's get_torch_device() follows the current device
+        dist.init_process_group("nccl" if nccl else "gloo")
         return True
     return False
+
+
+def _collective_device() -> torch.device:
+    """Where small all-reduce tensors must live: the rank's GPU under nccl, else the CPU."""
+    import torch.distributed as dist
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def wrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -90,7 +114,7 @@ def wrap(module: torch.nn.Module) -> torch.nn.Module:
 def _mean_across_ranks(value: float) -> float:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t)
         return float(t) / dist.get_world_size()
     return value
@@ -167,21 +191,46 @@ class _VAETrainer(torch.nn.Module):
         return rec, kl
 
 
+def fp32_autoencoder(vae):
+    """The VAE's autoencoder in float32: itself on the CPU, a float32 copy where the host keeps it in half
+    precision (bf16 on recent GPUs), so latents and reconstructions do not depend on the device."""
+    ae = vae.first_stage_model
+    if next(ae.parameters()).dtype == torch.float32:
+        return ae
+    import copy
+    return copy.deepcopy(ae).float()
+
+
+def _vae_device(vae) -> torch.device:
+    """Where ComfyUI runs this VAE (``VAE.device``: the GPU unless the host was booted with ``--cpu``)."""
+    return torch.device(getattr(vae, "device", None) or "cpu")
+
+
 def train_vae(vae, cfg: FamilyTrainConfig, generator: torch.Generator, progress=None) -> list[float]:
     rank, world_size = dist_info()
     ae = vae.first_stage_model
-    ae.train().float().requires_grad_(True)
+    device = _vae_device(vae)
+    ae.to(device).train().float().requires_grad_(True)
     trainer = wrap(_VAETrainer(ae))
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     losses, t0 = [], time.perf_counter()
+    pool = None
+    if cfg.vae_pool > 0:
+        chunks = [world.training_batch(min(1024, cfg.vae_pool - i), generator) for i in range(0, cfg.vae_pool, 1024)]
+        pool = (torch.cat([c.images for c in chunks]), torch.cat([c.masks for c in chunks]))
+        log.info("VAE pool: %d images rendered in %.1f s", pool[0].shape[0], time.perf_counter() - t0)
     for step in range(cfg.vae_steps):
         lr = cfg.vae_lr * _schedule(step, cfg.vae_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         cropped = 0 < cfg.vae_crop < world.IMAGE_SIZE and step < cfg.vae_crop_fraction * cfg.vae_steps
-        batch = world.training_batch(cfg.vae_batch, generator)
-        x = batch.images.movedim(-1, 1) * 2.0 - 1.0
-        weight = 1.0 + cfg.vae_subject_weight * batch.masks[:, None]
+        if pool is None:
+            images, masks = (batch := world.training_batch(cfg.vae_batch, generator)).images, batch.masks
+        else:
+            pick = torch.randint(0, pool[0].shape[0], (cfg.vae_batch,), generator=generator)
+            images, masks = pool[0][pick], pool[1][pick]
+        x = images.movedim(-1, 1) * 2.0 - 1.0
+        weight = 1.0 + cfg.vae_subject_weight * masks[:, None]
         if cropped:
             # the autoencoder is convolutional: one random latent-grid-aligned crop per image costs a quarter of
             # the whole image at 32 px, so the cropped phase takes ~4x the optimiser steps in the same time; the
@@ -192,6 +241,7 @@ def train_vae(vae, cfg: FamilyTrainConfig, generator: torch.Generator, progress=
             x = torch.stack([img[:, a:a + c, b:b + c] for img, (a, b) in zip(x, offsets.tolist())])
             weight = torch.stack([w[:, a:a + c, b:b + c] for w, (a, b) in zip(weight, offsets.tolist())])
         noise = torch.randn((x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), generator=generator)
+        x, weight, noise = x.to(device), weight.to(device), noise.to(device)  # the world renders on the CPU
         rec, kl = trainer(x, noise)
         # the subject is a small share of the pixels, the scene textures' fine noise is incompressible: weighting
         # the subject's pixels keeps the latent's capacity on shape and colour
@@ -214,8 +264,10 @@ def train_vae(vae, cfg: FamilyTrainConfig, generator: torch.Generator, progress=
 @torch.no_grad()
 def encode_means(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Posterior means of IMAGE tensors ``[N, 64, 64, 3]`` (user-space latents before any scale factor)."""
-    trainer = _VAETrainer(vae.first_stage_model)
-    out = [trainer.encode_moments(images[i:i + batch].movedim(-1, 1).float() * 2.0 - 1.0)[0]
+    ae = fp32_autoencoder(vae)
+    trainer = _VAETrainer(ae)
+    device = next(ae.parameters()).device
+    out = [trainer.encode_moments(images[i:i + batch].to(device).movedim(-1, 1).float() * 2.0 - 1.0)[0].cpu()
            for i in range(0, images.shape[0], batch)]
     return torch.cat(out)
 
@@ -223,9 +275,10 @@ def encode_means(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
 @torch.no_grad()
 def reconstruction_psnr(vae, images: torch.Tensor) -> float:
     """Mean PSNR (dB, images in [0, 1]) of decode(posterior mean) against ``images [N, 64, 64, 3]``."""
-    ae = vae.first_stage_model
-    means = encode_means(vae, images)
-    rec = ((ae.decoder(ae.post_quant_conv(means)) + 1) / 2).clamp(0, 1).movedim(1, -1)
+    ae = fp32_autoencoder(vae)
+    device = next(ae.parameters()).device
+    means = encode_means(vae, images).to(device)
+    rec = ((ae.decoder(ae.post_quant_conv(means)) + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
     mse = (rec - images.float()).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
     return float((-10 * torch.log10(mse)).mean())
 
@@ -282,6 +335,11 @@ def train_diffusion(model, clip, latents: torch.Tensor, subjects, scenes, cfg: F
         s.load()
         unet = s.model.model
         text = s.clip.cond_stage_model.clip_l
+        # full-weight training needs float32 master weights: on a GPU the host keeps the text encoder in fp16
+        # (and may keep the UNet in half precision), where AdamW's updates underflow or overflow
+        unet.diffusion_model.float()
+        unet.diffusion_model.dtype = torch.float32  # the dtype ComfyUI's UNetModel casts its input to
+        text.float()
         unet.diffusion_model.requires_grad_(True)
         text.requires_grad_(True)
         for p in list(text.parameters()):
@@ -350,7 +408,7 @@ def check_replicas_identical(*modules: torch.nn.Module) -> None:
         return
     total = sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum())
                 for m in modules for p in m.parameters())
-    lo, hi = torch.tensor([total], dtype=torch.float64), torch.tensor([total], dtype=torch.float64)
+    lo, hi = (torch.tensor([total], dtype=torch.float64, device=_collective_device()) for _ in range(2))
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     if float(lo) != float(hi):
@@ -358,18 +416,19 @@ def check_replicas_identical(*modules: torch.nn.Module) -> None:
 
 
 def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None = None, on_vae_trained=None,
-                 init_state: tuple[dict, dict] | None = None):
+                 init_state: tuple[dict, dict] | None = None, on_checkpoint=None):
     """All stages from a fresh initialisation (or, with ``vae_state``, a trained VAE's ``first_stage_model``
     weights, skipping stage 1; with ``init_state`` = (UNet ``diffusion_model``, text encoder ``clip_l``) state
     dicts, the diffusion stage continues from those weights instead of a fresh initialisation).
     ``on_vae_trained(model, clip, vae)`` runs after stage 1 (the script saves the family there, so a long run's
-    autoencoder survives an interrupted diffusion stage). Returns ``(model, clip,
-    vae, scale_factor, report)``; every rank ends with identical weights (DDP), rank 0 writes the file
-    (scripts/train_mini_world.py)."""
+    autoencoder survives an interrupted diffusion stage); ``on_checkpoint(model, clip, vae, scale, step)`` every
+    ``cfg.checkpoint_every`` diffusion steps (not after the last). Returns ``(model, clip, vae, scale_factor,
+    report)``; every rank ends with identical weights (DDP), rank 0 writes the file (scripts/train_mini_world.py)."""
     from ..core import mini_family
     rank, world_size = dist_info()
     torch.manual_seed(cfg.seed)
-    model, clip, vae = mini_family.build(seed=cfg.seed)
+    model, clip, vae = mini_family.build(seed=cfg.seed,
+                                         vae_cfg=mini_family.vae_config(cfg.vae_ch, cfg.vae_res_blocks))
     if init_state is not None:
         model.model.diffusion_model.load_state_dict(init_state[0])
         clip.cond_stage_model.clip_l.load_state_dict(init_state[1])
@@ -377,6 +436,11 @@ def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None =
     # reused with --vae-from, so a two-part run gives the same weights as one
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     t0 = time.perf_counter()
+    # the family trains and is written from float32 weights: on a GPU the host would keep the VAE in bf16 (its
+    # VAE.vae_dtype), which would round a reused VAE and the latents the diffusion stage learns; the VAE object then
+    # encodes and decodes in float32 too (its vae_dtype), so it stays usable in-process
+    vae.first_stage_model.float()
+    vae.vae_dtype = torch.float32
     if vae_state is None:
         vae_losses = train_vae(vae, cfg, generator, progress)
         if on_vae_trained is not None:
@@ -396,7 +460,16 @@ def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None =
     means = encode_means(vae, images)
     scale = latent_scale(means)
     model.model.latent_format.scale_factor = scale
-    diff_losses = train_diffusion(model, clip, means, subjects, scenes, cfg, generator, progress, masks=masks)
+
+    def progress_and_checkpoint(stage, step, total, losses):
+        if progress:
+            progress(stage, step, total, losses)
+        if (on_checkpoint and stage == "diffusion" and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+                and step < total):
+            on_checkpoint(model, clip, vae, scale, step)
+
+    diff_losses = train_diffusion(model, clip, means, subjects, scenes, cfg, generator, progress_and_checkpoint,
+                                  masks=masks)
     check_replicas_identical(model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)
     report = {"config": asdict(cfg), "world_size": world_size, "vae_seconds": round(t_vae, 1),
               "vae_psnr_db": round(psnr, 2), "vae_reused": vae_state is not None,

@@ -60,9 +60,10 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     real = world.render_batch([s for s, _ in pairs], [sc for _, sc in pairs], list(range(len(pairs)))).images
     with torch.inference_mode():
-        ae = vae.first_stage_model
+        ae = tf.fp32_autoencoder(vae)  # float32 on the VAE's device, like the training's latents
         means = tf.encode_means(vae, real)
-        recon = ((ae.decoder(ae.post_quant_conv(means)) + 1) / 2).clamp(0, 1).movedim(1, -1)
+        z = means.to(next(ae.parameters()).device)
+        recon = ((ae.decoder(ae.post_quant_conv(z)) + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
     rows = {"real images (world renders)": bench.prompt_following(evaluator, real, pairs),
             "world renders through the VAE": bench.prompt_following(evaluator, recon.float(), pairs),
             "base model": bench.prompt_following(evaluator, images, pairs)}

@@ -4,6 +4,8 @@
     torchrun --nproc_per_node=2 scripts/train_mini_world.py ...      # DDP (gloo on CPU, nccl on GPU)
     ... --vae-from FILE      # reuse FILE's VAE, train UNet + text encoder from scratch
     ... --init-from FILE     # continue FILE's UNet + text encoder (more compute on a trained family)
+    ... --set checkpoint_every=500   # write the family every 500 diffusion steps (runs under a time limit)
+    PERSONALIZE_DEVICE=auto ...      # train on the GPU ComfyUI picks (default: the CPU)
 
 Boots ComfyUI in-process (COMFYUI_PATH or the default host tree), builds the family with ComfyUI's own classes
 (core/mini_family.py), trains VAE, then UNet + text encoder (miniworld/train_family.py), and writes the fp16 file and
@@ -54,14 +56,23 @@ def main(argv=None) -> int:
         cfg = H.replace_numeric(cfg, args.set)
     except ValueError as e:
         p.error(str(e))
+    def file_vae_state(path):
+        # the file's own values: on a GPU the host keeps a loaded VAE in bf16, which would round them
+        from safetensors.torch import load_file
+        return {k[len("first_stage_model."):]: v.float() for k, v in load_file(path).items()
+                if k.startswith("first_stage_model.")}
+
     vae_state = init_state = None
     if args.init_from:
-        old_model, old_clip, old_vae = mf.load_checkpoint(args.init_from)
+        old_model, old_clip, old_vae = mf.load_checkpoint(args.init_from)  # also checks the file
         init_state = (old_model.model.diffusion_model.state_dict(), old_clip.cond_stage_model.clip_l.state_dict())
-        vae_state = old_vae.first_stage_model.state_dict()
+        vae_state = file_vae_state(args.init_from)
     if args.vae_from:
         _m, _c, old_vae = mf.load_checkpoint(args.vae_from)
-        vae_state = old_vae.first_stage_model.state_dict()
+        vae_state = file_vae_state(args.vae_from)
+    if vae_state is not None:  # the reused VAE's width and depth, whatever --set said
+        dd = old_vae.mini_vae_config["ddconfig"]
+        cfg = dataclasses.replace(cfg, vae_ch=dd["ch"], vae_res_blocks=dd["num_res_blocks"])
     rank, _ = tf.dist_info()
     out = Path(args.out)
     stage1 = out.with_name(out.stem + ".vae-stage" + out.suffix)
@@ -71,8 +82,14 @@ def main(argv=None) -> int:
             mf.save_checkpoint(stage1, model, clip, vae, tf.token_ids_of_world(clip), 1.0, {"stage": "vae"})
             logging.info("VAE stage saved to %s (reuse it with --vae-from)", stage1)
 
+    def save_checkpoint(model, clip, vae, scale, step):
+        if rank == 0:  # the output file itself, replaced atomically: a run stopped by a time limit keeps it
+            mf.save_checkpoint(out, model, clip, vae, tf.token_ids_of_world(clip), scale,
+                               {"training": {"config": dataclasses.asdict(cfg), "checkpoint_step": step}})
+            logging.info("checkpoint at diffusion step %d written to %s", step, out)
+
     model, clip, vae, scale, report = tf.train_family(cfg, vae_state=vae_state, on_vae_trained=save_stage1,
-                                                      init_state=init_state)
+                                                      init_state=init_state, on_checkpoint=save_checkpoint)
     if rank == 0:
         digest = mf.save_checkpoint(out, model, clip, vae, tf.token_ids_of_world(clip), scale,
                                     {"training": report})

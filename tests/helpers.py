@@ -42,11 +42,14 @@ def eps_loss_reference(model, latents, cond, *, timesteps, seed=1234, pooled=Non
         base = model.model
         ms = base.model_sampling
         g = torch.Generator().manual_seed(seed)
-        x0 = base.process_latent_in(latents.float())
+        dev = model.load_device  # noise drawn on the CPU, so the figure does not depend on the device
+        x0 = base.process_latent_in(latents.float()).to(dev)
+        cond = cond.to(dev)
+        pooled = pooled.to(dev) if pooled is not None else None
         total = 0.0
         for t in timesteps:
-            sigma = ms.sigmas[t].float().reshape(1)
-            noise = torch.randn(x0.shape, generator=g)
+            sigma = ms.sigmas[t].float().reshape(1).to(dev)
+            noise = torch.randn(x0.shape, generator=g).to(dev)
             x = x0 + sigma.view(-1, 1, 1, 1) * noise
             kw = {}
             if getattr(base, "adm_channels", 0):
@@ -64,12 +67,13 @@ def unet_output(model, latents, cond, sigma: float = 2.0, seed: int = 7) -> torc
     with torch.inference_mode():
         mm.load_models_gpu([model])
         g = torch.Generator().manual_seed(seed)
+        dev = model.load_device
         x = model.model.process_latent_in(latents.float())
-        x = x + sigma * torch.randn(x.shape, generator=g)
-        s = torch.full((x.shape[0],), sigma)
+        x = (x + sigma * torch.randn(x.shape, generator=g)).to(dev)
+        s = torch.full((x.shape[0],), sigma, device=dev)
         opts = dict(model.model_options.get("transformer_options", {}))  # attention patches, as a sampler passes
-        return model.model.apply_model(x, s, c_crossattn=cond.expand(x.shape[0], -1, -1),
-                                       transformer_options=opts).clone()
+        return model.model.apply_model(x, s, c_crossattn=cond.to(dev).expand(x.shape[0], -1, -1),
+                                       transformer_options=opts).float().cpu()
 
 
 def module_forward_is_clean(root: torch.nn.Module) -> bool:

@@ -90,13 +90,13 @@ def test_masked_loss_has_zero_gradient_outside_mask(hifi, host, sd15, subject):
         loss.backward()
         # independent value: sum(M ⊙ (ε̂ − ε)²) / ΣM over channels + w·mean((c_s − ϕ_s)²)
         obj.generator.set_state(gen_state)
-        idx, sigma, noise = obj.sample(2)
-        eps_hat = (captured["x"] - captured["d"].detach()) / sigma.view(-1, 1, 1, 1)
+        idx, sigma, noise = (t.cpu() for t in obj.sample(2))  # written out on the CPU, whatever the device
+        eps_hat = (captured["x"].cpu() - captured["d"].detach().cpu()) / sigma.view(-1, 1, 1, 1)
         m = lmask[idx].expand_as(eps_hat)
         expected = float(((eps_hat - noise).pow(2) * m).sum() / m.sum()
-                         + 0.5 * (rows.rows.detach() - null_tail).pow(2).mean())
+                         + 0.5 * (rows.rows.detach().cpu() - null_tail.cpu()).pow(2).mean())
         assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
-        grad = captured["d"].grad
+        grad = captured["d"].grad.cpu()
         assert grad[m == 0].abs().max() == 0
         assert grad[m > 0].abs().max() > 0
         assert rows.rows.grad is not None and rows.rows.grad.abs().max() > 0
@@ -165,7 +165,7 @@ def _recording_model(model):
         chunks = args["cond_or_uncond"]
         per = x.shape[0] // len(chunks)
         for i, kind in enumerate(chunks):
-            seen.append((float(sigma[i * per]), kind, c["c_crossattn"][i * per, -5:].detach().clone()))
+            seen.append((float(sigma[i * per]), kind, c["c_crossattn"][i * per, -5:].detach().float().cpu()))
         return torch.zeros_like(x)
 
     m.set_model_unet_function_wrapper(wrapper)
@@ -195,7 +195,7 @@ def _expected_row(t_cont, timesteps):
 
 def _continuous_t(model, sigma):
     """Inverse of ComfyUI's log-linear sigma(t), with numpy."""
-    log_s = model.model.model_sampling.log_sigmas.double().numpy()
+    log_s = model.model.model_sampling.log_sigmas.double().cpu().numpy()
     return float(np.interp(np.log(sigma), log_s, np.arange(len(log_s))))
 
 

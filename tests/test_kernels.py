@@ -125,3 +125,29 @@ def test_masked_attention_matches_naive_causal(K):
     torch.testing.assert_close(K.attention(q, k, v, 2, mask=mask), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(K.attention_reference(q, k, v, 2, mask=mask), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(K.attention(q, k, v, 2, mask=mask == 0), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_uninference_repairs_weights_moved_to_another_device(host):
+    """A loader builds weights under inference mode; the host later moves the module to the GPU outside it
+    (``Module.to`` assigns ``param.data``), leaving Parameters that say ``is_inference() == False`` but have no
+    version counter, so autograd fails. ``_apply(clone)`` is exactly that move without a GPU. ``uninference``
+    must repair both kinds, and the repaired module must give the gradients of an ordinary copy."""
+    core_host = pack_module(host, "core.host")
+    with torch.inference_mode():
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        net.register_buffer("scale", torch.full((4,), 2.0))
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    fresh.load_state_dict({k: v.clone() for k, v in net.state_dict().items() if k != "scale"})
+    net._apply(lambda t: t.clone())  # what a move to another device does to each parameter
+    assert not net[0].weight.is_inference()
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="version counter"):
+        net(x).sum().backward()
+    # the 4 parameters; the move replaced the buffer by a new (ordinary) tensor
+    assert core_host.uninference(net) == 4
+    x.grad = None
+    (net(x) * net.scale).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (fresh(x_ref) * 2.0).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert core_host.uninference(net) == 0

@@ -26,7 +26,8 @@ def _bypass_reference(model, lora_sd, latents, cond):
             for part in weight_key[: -len(".weight")].split("."):
                 mod = getattr(mod, part)
             hooks.append(mod.register_forward_hook(
-                lambda m, inp, out, d=down, u=up, s=scale: out + s * (inp[0].float() @ d.T @ u.T).to(out.dtype)))
+                lambda m, inp, out, d=down, u=up, s=scale:
+                out + s * (inp[0].float() @ d.to(out.device).T @ u.to(out.device).T).to(out.dtype)))
     try:
         return unet_output(model, latents, cond)
     finally:
@@ -60,7 +61,11 @@ def test_lora_file_loads_in_stock_loader_and_matches(host, sd15, subject, unique
     effect = (loader - base).abs().max()
     assert effect > 1e-4, "the LoRA changed nothing; the comparison would be vacuous"
     torch.testing.assert_close(in_graph, loader, rtol=0, atol=1e-6)
-    assert (bypass - loader).abs().max() < 1e-3 * max(1.0, float(effect)) + 1e-5
+    # float32 UNet (CPU): 1e-3. A half-precision UNet (GPU) rounds the loader's merged weights and the bypass
+    # separately: 16 ulp of the dtype (measured on an H100, fp16: 5.9e-3 at an effect of 0.58)
+    dtype = model.model.get_dtype()
+    tol = 1e-3 if dtype == torch.float32 else 16 * torch.finfo(dtype).eps
+    assert (bypass - loader).abs().max() < tol * max(1.0, float(effect)) + 1e-5
     assert len(loss["loss"]) == 4 and previews.shape[0] == 1
 
 
@@ -108,7 +113,9 @@ def test_training_graph_patches_match_host_forward(host, sd15, subject):
     with tuning.TrainingSession(model) as s:
         replace = s.model.model_options["transformer_options"].get("patches_replace", {})
         n_attn = sum(1 for m in model.model.diffusion_model.modules() if type(m).__name__ == "BasicTransformerBlock")
-        assert len(replace.get("attn1", {})) == len(replace.get("attn2", {})) == n_attn > 0
+        # the fused-attention patches exist only on the CPU (on a GPU the host's own attention is already fused)
+        expected = n_attn if torch.device(model.load_device).type == "cpu" else 0
+        assert len(replace.get("attn1", {})) == len(replace.get("attn2", {})) == expected and n_attn > 0
         s.load()
         with torch.no_grad():
             patched = unet_output(s.model, latents, cond)

@@ -82,8 +82,9 @@ def test_restart_from_noised_renders_ends_at_the_vae_reconstruction(host, bench,
     real = w.render_batch([s for s, _ in pairs], [sc for _, sc in pairs], [0, 1]).images
     means = tf.encode_means(vae, real)
     with torch.inference_mode():
-        ae = vae.first_stage_model
-        recon = ((ae.decoder(ae.post_quant_conv(means)) + 1) / 2).clamp(0, 1).movedim(1, -1).float()
+        ae = tf.fp32_autoencoder(vae)
+        z = means.to(next(ae.parameters()).device)
+        recon = ((ae.decoder(ae.post_quant_conv(z)) + 1) / 2).clamp(0, 1).movedim(1, -1).float().cpu()
     captions = [w.caption(s, sc) for s, sc in pairs]
     late = bench.restart_captions(nodes.NODE_CLASS_MAPPINGS, model, clip, means, vae, captions, 19, steps=20)
     fresh = bench.restart_captions(nodes.NODE_CLASS_MAPPINGS, model, clip, means, vae, captions, 0, steps=20)

@@ -60,3 +60,48 @@ def test_loader_rejects_other_files(host, mf, tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(err, match="cannot be read"):
         mf.load_checkpoint(bad)
+
+
+def test_wider_vae_round_trips_and_other_configs_are_refused(host, mf, tmp_path):
+    """A family built with a wider VAE (``vae_config(64, 2)``) records it in the file, loads back with that VAE
+    (same weights, same decode), and a file declaring any other change to the VAE is refused before loading."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    err = pack_module(host, "core.host").PersonalizeError
+    tf = pack_module(host, "miniworld.train_family")
+    wide = mf.vae_config(64, 2)
+    assert wide["ddconfig"]["ch"] == 64 and wide["ddconfig"]["num_res_blocks"] == 2
+    assert mf.vae_config() == mf.MINI_VAE_CONFIG
+    with pytest.raises(ValueError, match="multiple|32, 64"):
+        mf.vae_config(48)  # GroupNorm's 32 groups
+    model, clip, vae = mf.build(seed=1, vae_cfg=wide)
+    path = tmp_path / "wide.safetensors"
+    mf.save_checkpoint(path, model, clip, vae, tf.token_ids_of_world(clip), 0.5)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["vae_config"]) == wide
+    _m, _c, vae2 = mf.load_checkpoint(path)
+    assert vae2.mini_vae_config == wide
+    for k, v in vae.first_stage_model.state_dict().items():
+        torch.testing.assert_close(vae2.first_stage_model.state_dict()[k].float(), v.half().float(), msg=k)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vae2.decode(z), _roundtrip_decode(vae, z), rtol=1e-2, atol=1e-2)
+    for change in ({"ch_mult": [1, 2, 2, 4]}, {"ch": 48}, {"z_channels": 8}):
+        other = json.loads(meta["vae_config"])
+        other["ddconfig"].update(change)
+        bad = tmp_path / "other.safetensors"
+        save_file(load_file(str(path)), str(bad), metadata={**meta, "vae_config": json.dumps(other)})
+        with pytest.raises(err, match="another mini-family configuration \\(vae_config\\)"):
+            mf.load_checkpoint(bad)
+
+
+def _roundtrip_decode(vae, z):
+    """``vae.decode`` with the weights rounded to fp16 as the file stores them."""
+    import copy
+    v = copy.copy(vae)
+    v.first_stage_model = copy.deepcopy(vae.first_stage_model)
+    with torch.no_grad():
+        for p in v.first_stage_model.parameters():
+            p.copy_(p.half().float())
+    return v.decode(z)

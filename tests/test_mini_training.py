@@ -33,10 +33,10 @@ def test_vae_stage_lowers_reconstruction_error(tf, mf):
 
     def recon_error():
         with torch.no_grad():
-            trainer = tf._VAETrainer(vae.first_stage_model)
-            x = images.movedim(-1, 1) * 2 - 1
-            mean, _ = trainer.encode_moments(x)
-            rec = vae.first_stage_model.decoder(vae.first_stage_model.post_quant_conv(mean))
+            ae = tf.fp32_autoencoder(vae)  # float32, on the VAE's device
+            x = (images.movedim(-1, 1) * 2 - 1).to(next(ae.parameters()).device)
+            mean, _ = tf._VAETrainer(ae).encode_moments(x)
+            rec = ae.decoder(ae.post_quant_conv(mean))
             return float((rec - x).abs().mean())
     before = recon_error()
     cfg = tf.FamilyTrainConfig(vae_steps=40, vae_batch=4, vae_lr=1e-3, log_every=1000)
@@ -85,8 +85,10 @@ def test_min_snr_weighting_of_the_eps_loss(tf, mf, host):
     noise = torch.randn(4, *latents.shape[1:], generator=torch.Generator().manual_seed(6))
     gamma = 5.0
     with torch.no_grad():
+        sigma, noise = sigma.to(obj.device), noise.to(obj.device)  # where obj.sample puts them
         weighted, _ = obj.loss(cond, idx, sigma, noise, snr_gamma=gamma)
         per_sample = [obj.loss(cond, idx[i:i + 1], sigma[i:i + 1], noise[i:i + 1])[0] for i in range(4)]
+    sigma = sigma.cpu()
     snr = 1.0 / sigma.double() ** 2
     w = [min(float(s), gamma) / float(s) for s in snr]
     assert w[0] < 0.05 and w[3] == 1.0
@@ -161,10 +163,16 @@ def test_two_part_run_equals_one_run(tf):
     model, clip, vae, scale, _ = tf.train_family(cfg)
     state = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
     model2, clip2, _vae2, scale2, _ = tf.train_family(cfg, vae_state=state)
-    assert scale == scale2
-    for (k, a), b in zip(model.model.diffusion_model.state_dict().items(),
-                         model2.model.diffusion_model.state_dict().values()):
-        assert torch.equal(a, b), k
+    if torch.device(model.load_device).type == "cpu":  # bit-identical
+        assert scale == scale2
+        for (k, a), b in zip(model.model.diffusion_model.state_dict().items(),
+                             model2.model.diffusion_model.state_dict().values()):
+            assert torch.equal(a, b), k
+    else:  # GPU kernels may pick other algorithms run to run (H100: latent scale 5.15154 vs 5.15123)
+        assert scale == pytest.approx(scale2, rel=1e-4)
+        for (k, a), b in zip(model.model.diffusion_model.state_dict().items(),
+                             model2.model.diffusion_model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
 
 
 @pytest.mark.slow
@@ -183,3 +191,24 @@ def test_training_script_under_torchrun_two_processes(host, tmp_path):
     host.refresh_model_lists()
     model, clip, vae = call_node("PersonalizeLoadMiniModel", ckpt_name="mini_quick_torchrun.safetensors")
     assert model.model.latent_format.scale_factor > 0
+
+
+def test_vae_pool_renders_once_and_checkpoints_arrive_on_schedule(tf, monkeypatch):
+    """``vae_pool``: the VAE stage renders its pool once and draws every batch from it; ``checkpoint_every``:
+    ``on_checkpoint`` gets the family every that many diffusion steps, not after the last."""
+    calls = []
+    real_batch = tf.world.training_batch
+
+    def counting(n, generator):
+        calls.append(n)
+        return real_batch(n, generator)
+
+    monkeypatch.setattr(tf.world, "training_batch", counting)
+    cfg = tf.FamilyTrainConfig(vae_steps=3, vae_batch=4, vae_pool=16, pool_size=8, diffusion_steps=5,
+                               diffusion_batch=2, checkpoint_every=2, log_every=1000)
+    seen = []
+    model, clip, vae, scale, _ = tf.train_family(
+        cfg, on_checkpoint=lambda m, c, v, s, step: seen.append((step, m, s)))
+    assert calls[0] == 16 and 4 not in calls  # the pool, then no per-step batch of vae_batch images
+    assert [step for step, _m, _s in seen] == [2, 4]
+    assert all(m is model and s == scale for _step, m, s in seen)

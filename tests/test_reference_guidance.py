@@ -231,6 +231,7 @@ def test_sampler_in_sampler_custom_equals_algorithm_2_on_toy(host, rg, hifi, sd1
                    latent["samples"], 5.0, callback=lambda i, x0, x, n: start.setdefault(i, x.clone()))
     evaluate = _toy_evaluate(toy, pos[0][0], neg[0][0], 5.0, sigmas)
     want = tmodel.model.process_latent_out(rg.reference_guided_sample(evaluate, start[0], sigmas, guidance, 5.0))
+    want = want.cpu()  # the callback's states live on the sampling device
     assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max()), float((got - want).abs().max())
     euler = call_node("SamplerCustom", model=tmodel, add_noise=True, noise_seed=5, cfg=5.0, positive=pos,
                       negative=neg, sampler=call_node("KSamplerSelect", sampler_name="euler")[0], sigmas=sigmas,
@@ -256,14 +257,14 @@ def _guided_vs_plain(rg, sd, subject, hifi, family, width, n_steps=10, t_start=7
                       ("plain", call_node("KSamplerSelect", sampler_name="euler")[0])):
         states = {}
         _sample_custom(model, pos, neg, smp, sigmas, latent, cfg,
-                       callback=lambda step, x0, x, total, states=states: states.__setitem__(step, x.clone()))
+                       callback=lambda step, x0, x, total, states=states: states.__setitem__(step, x.cpu().clone()))
         runs[name] = states
     k = g.end_index + 1  # the state after the last guided step, reported by the callback of step k
-    target = g.target(k)  # model space, like the x the sampler reports to callbacks
-    m = g.mask.expand(1, 4, -1, -1)
+    target = g.target(k).cpu()  # model space, like the x the sampler reports to callbacks
+    m = g.mask.expand(1, 4, -1, -1).cpu()
 
-    def dist(x, w):
-        return float(((x - target) ** 2 * w).sum() / w.sum())
+    def dist(x, w):  # on the CPU: the callback's states live on the sampling device
+        return float(((x.cpu() - target.cpu()) ** 2 * w.cpu()).sum() / w.cpu().sum())
     return runs, k, target, m, dist, g
 
 
