@@ -54,6 +54,7 @@ def main(argv=None) -> int:
                                   log_every=2)
     try:
         cfg = H.replace_numeric(cfg, args.set)
+        mf.vae_config(cfg.vae_ch, cfg.vae_res_blocks)  # a bad width fails here, before any work
     except ValueError as e:
         p.error(str(e))
     def file_vae_state(path):
