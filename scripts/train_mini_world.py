@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         mf.vae_config(cfg.vae_ch, cfg.vae_res_blocks)  # a bad width fails here, before any work
     except ValueError as e:
         p.error(str(e))
+
     def file_vae_state(path):
         # the file's own values: on a GPU the host keeps a loaded VAE in bf16, which would round them
         from safetensors.torch import load_file
@@ -83,14 +84,14 @@ def main(argv=None) -> int:
             mf.save_checkpoint(stage1, model, clip, vae, tf.token_ids_of_world(clip), 1.0, {"stage": "vae"})
             logging.info("VAE stage saved to %s (reuse it with --vae-from)", stage1)
 
-    def save_checkpoint(model, clip, vae, scale, step):
+    def write_checkpoint(model, clip, vae, scale, step):
         if rank == 0:  # the output file itself, replaced atomically: a run stopped by a time limit keeps it
             mf.save_checkpoint(out, model, clip, vae, tf.token_ids_of_world(clip), scale,
                                {"training": {"config": dataclasses.asdict(cfg), "checkpoint_step": step}})
             logging.info("checkpoint at diffusion step %d written to %s", step, out)
 
     model, clip, vae, scale, report = tf.train_family(cfg, vae_state=vae_state, on_vae_trained=save_stage1,
-                                                      init_state=init_state, on_checkpoint=save_checkpoint)
+                                                      init_state=init_state, on_checkpoint=write_checkpoint)
     if rank == 0:
         digest = mf.save_checkpoint(out, model, clip, vae, tf.token_ids_of_world(clip), scale,
                                     {"training": report})
