@@ -208,6 +208,7 @@ def ensure_checkpoint(kind: str, cache_dir: Path | str | None = None) -> Path:
             for stale in cache_dir.glob(f".{path.name}.tmp-*"):
                 with contextlib.suppress(OSError):
                     stale.unlink()
+        _require_free_space(cache_dir, sum(s.nbytes for s in spec), kind)
         tmp = cache_dir / f".{path.name}.tmp-{os.getpid()}"
         try:
             write_checkpoint(kind, spec, tmp, digest)
@@ -216,6 +217,19 @@ def ensure_checkpoint(kind: str, cache_dir: Path | str | None = None) -> Path:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
     return path
+
+
+def _require_free_space(cache_dir: Path, nbytes: int, kind: str) -> None:
+    """Refuse to start a fixture that cannot fit (a full disk would otherwise fail mid-write, once per test that
+    asks for it), naming the size, the folder and the ways out."""
+    import shutil
+    free = shutil.disk_usage(cache_dir).free
+    margin = 256 << 20
+    if free < nbytes + margin:
+        raise OSError(
+            f"the tiny {kind} fixture needs {nbytes / 2**30:.2f} GiB (+0.25 GiB margin) in {cache_dir}, which has "
+            f"{free / 2**30:.2f} GiB free: free disk space there, or point PERSONALIZE_FIXTURES_DIR at a disk "
+            "with room")
 
 
 # --------------------------------------------------------------------------------------------------------------

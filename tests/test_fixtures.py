@@ -220,6 +220,25 @@ def test_cache_reuses_and_rebuilds(tmp_path, small_spec, monkeypatch):
     assert not stale.exists()
 
 
+def test_full_disk_is_refused_before_writing(tmp_path, small_spec, monkeypatch):
+    """A disk without room for the fixture fails once, up front, naming the size and the way out, and leaves
+    nothing behind (CI once filled its disk half-way through the SDXL fixture, failing every test that used it)."""
+    import collections
+    import shutil
+
+    need = sum(s.nbytes for s in small_spec)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, need + (100 << 20)))
+    real_write = F.write_checkpoint
+    monkeypatch.setattr(F, "write_checkpoint", lambda *a, **k: pytest.fail("wrote with no room"))
+    with pytest.raises(OSError, match=r"needs 0\.00 GiB .* free disk space there, or point PERSONALIZE_FIXTURES_DIR"):
+        F.ensure_checkpoint("sd15", tmp_path)
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, need + (300 << 20)))  # room again
+    monkeypatch.setattr(F, "write_checkpoint", real_write)
+    assert F.ensure_checkpoint("sd15", tmp_path).exists()
+
+
 def test_concurrent_builders_build_once(tmp_path, small_spec, monkeypatch):
     calls = []
     real_write = F.write_checkpoint
