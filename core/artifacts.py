@@ -45,6 +45,14 @@ def check_writable(path: Path, overwrite: bool) -> None:
             f"{path.name} already exists in {path.parent}. Choose another name, or enable 'overwrite'.")
 
 
+def give_plain_mode(path) -> None:
+    """Give a freshly written file the mode a plain ``open()`` would (0666 minus the umask): mkstemp, and
+    safetensors' writer, create files readable by their owner only, which another user's ComfyUI cannot load."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_safetensors(tensors: dict, path: Path, metadata: dict, overwrite: bool = False) -> Path:
     """Write ``tensors`` with string metadata to ``path`` via a temporary file and an atomic rename."""
     from safetensors.torch import save_file
@@ -58,9 +66,7 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict, overwrite: bool 
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
+        give_plain_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -290,13 +290,17 @@ def save_checkpoint(path, model, clip, vae, token_ids: torch.Tensor, scale_facto
                     extra: dict | None = None) -> str:
     """Write the file atomically (temporary file, then rename) and its ``.sha256`` beside it; returns the digest."""
     import hashlib
+
     from safetensors.torch import save_file
+
+    from .artifacts import give_plain_mode
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state_dict_for_file(model, clip, vae, token_ids), str(tmp), metadata=file_metadata(scale_factor, extra,
                                                                                getattr(vae, "mini_vae_config", None)))
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    give_plain_mode(tmp)
     os.replace(tmp, path)
     sha = path.with_name(path.name + ".sha256")
     sha_tmp = sha.with_name(sha.name + ".tmp")

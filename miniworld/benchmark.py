@@ -72,6 +72,7 @@ class BenchConfig:
     hifi_global_steps: int = 300
     hifi_steps_per_step: int = 3
     hifi_lr: float = 2e-2
+    hifi_reg_weight: float = 3e-3  # w_s of Eq. 6 (the node's reg_weight default)
     batch_size: int = 2
     methods: tuple[str, ...] = METHODS
     seed: int = 0
@@ -182,7 +183,7 @@ class Benchmark:
                 self.nodes, "PersonalizeHiFiSubjectTune", model=self.model, clip=self.clip, vae=self.vae,
                 images=images, caption=f"a photo of {world.article(kit.class_word)} {kit.class_word}",
                 n_tokens=5, global_steps=c.hifi_global_steps, steps_per_step=c.hifi_steps_per_step,
-                sampling_steps=c.sampler_steps, learning_rate=c.hifi_lr, reg_weight=1e-2, seed=c.seed + index,
+                sampling_steps=c.sampler_steps, learning_rate=c.hifi_lr, reg_weight=c.hifi_reg_weight, seed=c.seed + index,
                 subject_name=name, overwrite=True, mask=masks, batch_size=c.batch_size, **switches)
             seconds = time.perf_counter() - t0
             path = _artifact("personalize_subjects", file_name)

@@ -235,18 +235,20 @@ def test_stepwise_rows_reach_the_model_at_their_timesteps(hifi, host, sd15):
         assert torch.equal(tail, torch.full_like(tail, k + 1.0)), (k, tail.unique())
     assert all(torch.equal(tail, null_tail) for _s, kind, tail in seen if kind == 1)
 
-    # 2) SamplerCustom with sigmas one float32 step above and below every boundary sigma, plus the extremes:
-    #    exactly one row set each (no overlap, no gap); exactly on a boundary both neighbours are evaluated
-    #    (ComfyUI's ranges are inclusive at both ends; boundaries sit at half-integer timesteps, which no
-    #    discrete schedule can hit)
+    # 2) SamplerCustom with sigmas 16 float32 steps above and below every boundary sigma (a relative 2e-6; a GPU
+    #    computes the boundary with its own exp/log, an ulp or two from the CPU's: one ulp away failed on an H100),
+    #    plus the extremes: exactly one row set each (no overlap, no gap); exactly on a boundary both neighbours
+    #    are evaluated (ComfyUI's ranges are inclusive at both ends; boundaries sit at half-integer timesteps,
+    #    which no discrete schedule can hit)
     ms = model.model.model_sampling
     bounds = [ms.percent_to_sigma(e) for _s, e in ranges[:-1]]
     probe = [float(ms.sigmas[-1])]
     for b, t_b in zip(bounds, [np.floor((a + c) / 2) + 0.5 for a, c in zip(timesteps, timesteps[1:])]):
         lo, hi = float(ms.sigmas[int(np.floor(t_b))]), float(ms.sigmas[int(np.ceil(t_b))])
         assert lo < b < hi, (lo, b, hi)
-        up = float(np.nextafter(np.float32(b), np.float32(np.inf)))
-        down = float(np.nextafter(np.float32(b), np.float32(0)))
+        ulp = np.spacing(np.float32(b))
+        up, down = float(np.float32(b) + 16 * ulp), float(np.float32(b) - 16 * ulp)
+        assert lo < down < up < hi
         probe += [up, down]
     probe += [float(ms.sigmas[0])]
     sigmas = torch.tensor(sorted(probe, reverse=True) + [0.0], dtype=torch.float32)

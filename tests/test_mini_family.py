@@ -1,5 +1,8 @@
 """The mini model family (core/mini_family.py): real ComfyUI MODEL/CLIP/VAE objects with small widths, saved and
 loaded by the pack's loader node, run by stock nodes and by the pack's training nodes as an SD1.x model."""
+import os
+import stat
+
 import pytest
 import torch
 
@@ -78,6 +81,9 @@ def test_wider_vae_round_trips_and_other_configs_are_refused(host, mf, tmp_path)
     model, clip, vae = mf.build(seed=1, vae_cfg=wide)
     path = tmp_path / "wide.safetensors"
     mf.save_checkpoint(path, model, clip, vae, tf.token_ids_of_world(clip), 0.5)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # readable as a plain open() would make it
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert json.loads(meta["vae_config"]) == wide
