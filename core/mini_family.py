@@ -58,24 +58,33 @@ MINI_VAE_CONFIG = {
 
 
 def vae_config(ch: int = MINI_VAE_CONFIG["ddconfig"]["ch"],
-               num_res_blocks: int = MINI_VAE_CONFIG["ddconfig"]["num_res_blocks"]) -> dict:
+               num_res_blocks: int = MINI_VAE_CONFIG["ddconfig"]["num_res_blocks"],
+               ch_mult=tuple(MINI_VAE_CONFIG["ddconfig"]["ch_mult"])) -> dict:
     """The mini VAE's configuration at another width / depth (same latent layout: 4 channels, 8x down). ``ch``:
-    a multiple of 32 (the autoencoder's GroupNorm has 32 groups)."""
-    if ch % 32 or not 32 <= ch <= 256 or not 1 <= num_res_blocks <= 4:
-        raise ValueError(f"VAE width {ch} / blocks {num_res_blocks}: the width must be 32, 64, ... 256 and the "
-                         "blocks per level 1 to 4")
+    a multiple of 32 (the autoencoder's GroupNorm has 32 groups); ``ch_mult``: the width of each of the 4 levels
+    (64, 32, 16, 8 px) in units of ``ch``, 1 to 8 (e.g. (1, 2, 4, 4) widens only the low resolutions, where a
+    level's cost per channel² is 4-64x lower than at full resolution)."""
+    try:
+        mult = [int(m) for m in ch_mult]
+    except (TypeError, ValueError):
+        mult = []
+    if (ch % 32 or not 32 <= ch <= 256 or not 1 <= num_res_blocks <= 4 or len(mult) != 4
+            or list(ch_mult) != mult or not all(1 <= m <= 8 for m in mult)):
+        raise ValueError(f"VAE width {ch} / blocks {num_res_blocks} / ch_mult {tuple(ch_mult)}: the width must be 32, "
+                         "64, ... 256, the blocks per level 1 to 4 and ch_mult 4 whole numbers from 1 to 8")
     cfg = copy.deepcopy(MINI_VAE_CONFIG)
-    cfg["ddconfig"].update(ch=int(ch), num_res_blocks=int(num_res_blocks))
+    cfg["ddconfig"].update(ch=int(ch), num_res_blocks=int(num_res_blocks), ch_mult=mult)
     return cfg
 
 
 def _is_mini_vae_config(cfg) -> bool:
-    """A :func:`vae_config` variant: only the width and the blocks per level may differ from the default."""
+    """A :func:`vae_config` variant: only the width, the blocks per level and the level widths may differ from
+    the default."""
     if not isinstance(cfg, dict) or set(cfg) != set(MINI_VAE_CONFIG) or not isinstance(cfg.get("ddconfig"), dict):
         return False
     dd = cfg["ddconfig"]
     try:
-        return vae_config(dd["ch"], dd["num_res_blocks"]) == cfg
+        return vae_config(dd["ch"], dd["num_res_blocks"], dd["ch_mult"]) == cfg
     except (KeyError, TypeError, ValueError):
         return False
 

@@ -216,23 +216,28 @@ def boot_scratch(prefix: str = "personalize_") -> Host:
 
 
 def replace_numeric(config, items: list[str]):
-    """``dataclasses.replace(config, ...)`` from ``FIELD=VALUE`` strings (a script's ``--set``); only int and float
-    fields. Raises ValueError naming the allowed fields."""
+    """``dataclasses.replace(config, ...)`` from ``FIELD=VALUE`` strings (a script's ``--set``): int and float
+    fields, and tuples of whole numbers written comma-separated (``vae_ch_mult=1,2,4,4``). Raises ValueError
+    naming the allowed fields."""
     import dataclasses
     kinds = {f.name: type(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    numeric = [k for k, t in kinds.items() if t in (int, float)]
+    allowed = [k for k, t in kinds.items() if t in (int, float, tuple)]
     changes = {}
     for item in items:
         key, _, value = item.partition("=")
-        if key not in numeric:
-            raise ValueError(f"--set {item}: not a numeric field; one of {', '.join(numeric)}")
+        if key not in allowed:
+            raise ValueError(f"--set {item}: not a numeric field; one of {', '.join(allowed)}")
         try:
-            number = float(value)
+            numbers = [float(v) for v in value.split(",")] if kinds[key] is tuple else [float(value)]
         except ValueError:
-            raise ValueError(f"--set {item}: {value!r} is not a number") from None
-        if kinds[key] is int and not number.is_integer():
-            raise ValueError(f"--set {item}: {key} takes a whole number")
-        changes[key] = int(number) if kinds[key] is int else number
+            raise ValueError(f"--set {item}: {value!r} is not a number"
+                             + (" or a comma-separated list of them" if kinds[key] is tuple else "")) from None
+        if kinds[key] in (int, tuple) and not all(n.is_integer() for n in numbers):
+            raise ValueError(f"--set {item}: {key} takes whole numbers")
+        if kinds[key] is tuple:
+            changes[key] = tuple(int(n) for n in numbers)
+        else:
+            changes[key] = int(numbers[0]) if kinds[key] is int else numbers[0]
     return dataclasses.replace(config, **changes)
 
 

@@ -48,6 +48,7 @@ class FamilyTrainConfig:
     vae_crop_fraction: float = 0.9
     vae_ch: int = 32              # the VAE's base width (core/mini_family.vae_config); the file records it
     vae_res_blocks: int = 1       # residual blocks per VAE level
+    vae_ch_mult: tuple = (1, 1, 2, 2)  # each level's width in units of vae_ch (64, 32, 16, 8 px; --set vae_ch_mult=1,2,4,4)
     vae_pool: int = 0             # > 0: render this many images once and draw the VAE batches from them (a GPU
                                   # trains faster than the CPU renders); 0: render every batch afresh
     kl_weight: float = 1e-6
@@ -428,7 +429,8 @@ def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None =
     rank, world_size = dist_info()
     torch.manual_seed(cfg.seed)
     model, clip, vae = mini_family.build(seed=cfg.seed,
-                                         vae_cfg=mini_family.vae_config(cfg.vae_ch, cfg.vae_res_blocks))
+                                         vae_cfg=mini_family.vae_config(cfg.vae_ch, cfg.vae_res_blocks,
+                                                                              cfg.vae_ch_mult))
     if init_state is not None:
         model.model.diffusion_model.load_state_dict(init_state[0])
         clip.cond_stage_model.clip_l.load_state_dict(init_state[1])

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                                   log_every=2)
     try:
         cfg = H.replace_numeric(cfg, args.set)
-        mf.vae_config(cfg.vae_ch, cfg.vae_res_blocks)  # a bad width fails here, before any work
+        mf.vae_config(cfg.vae_ch, cfg.vae_res_blocks, cfg.vae_ch_mult)  # a bad width fails here, before any work
     except ValueError as e:
         p.error(str(e))
 
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         vae_state = file_vae_state(args.vae_from)
     if vae_state is not None:  # the reused VAE's width and depth, whatever --set said
         dd = old_vae.mini_vae_config["ddconfig"]
-        cfg = dataclasses.replace(cfg, vae_ch=dd["ch"], vae_res_blocks=dd["num_res_blocks"])
+        cfg = dataclasses.replace(cfg, vae_ch=dd["ch"], vae_res_blocks=dd["num_res_blocks"],
+                                  vae_ch_mult=tuple(dd["ch_mult"]))
     rank, _ = tf.dist_info()
     out = Path(args.out)
     stage1 = out.with_name(out.stem + ".vae-stage" + out.suffix)

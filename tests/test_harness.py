@@ -399,8 +399,9 @@ def test_object_info_can_replace_class_mappings():
 
 
 def test_script_overrides_replace_numeric_fields_only():
-    """Scripts' ``--set FIELD=VALUE`` (harness.host.replace_numeric): ints stay ints, unknown or non-numeric
-    fields and non-numbers are errors that list the allowed fields."""
+    """Scripts' ``--set FIELD=VALUE`` (harness.host.replace_numeric): ints stay ints, tuples of whole numbers are
+    written comma-separated, unknown or non-numeric fields and non-numbers are errors that list the allowed
+    fields."""
     import dataclasses
 
     from harness.host import replace_numeric
@@ -410,13 +411,19 @@ def test_script_overrides_replace_numeric_fields_only():
         steps: int = 10
         lr: float = 1e-3
         name: str = "a"
+        mult: tuple = (1, 1, 2, 2)
 
-    out = replace_numeric(Cfg(), ["steps=2e3", "lr=0.5"])
-    assert out == Cfg(steps=2000, lr=0.5, name="a") and isinstance(out.steps, int)
+    out = replace_numeric(Cfg(), ["steps=2e3", "lr=0.5", "mult=1,2,4,4"])
+    assert out == Cfg(steps=2000, lr=0.5, name="a", mult=(1, 2, 4, 4)) and isinstance(out.steps, int)
+    assert replace_numeric(Cfg(), ["mult=3"]).mult == (3,)
     assert replace_numeric(Cfg(), []) == Cfg()
-    with pytest.raises(ValueError, match="one of steps, lr"):
+    with pytest.raises(ValueError, match="one of steps, lr, mult"):
         replace_numeric(Cfg(), ["name=b"])
     with pytest.raises(ValueError, match="not a number"):
         replace_numeric(Cfg(), ["steps=many"])
-    with pytest.raises(ValueError, match="steps takes a whole number"):
+    with pytest.raises(ValueError, match="comma-separated"):
+        replace_numeric(Cfg(), ["mult=1,x"])
+    with pytest.raises(ValueError, match="mult takes whole numbers"):
+        replace_numeric(Cfg(), ["mult=1,2.5"])
+    with pytest.raises(ValueError, match="steps takes whole numbers"):
         replace_numeric(Cfg(), ["steps=2.5"])  # not silently truncated to 2

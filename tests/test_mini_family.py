@@ -65,20 +65,27 @@ def test_loader_rejects_other_files(host, mf, tmp_path):
         mf.load_checkpoint(bad)
 
 
-def test_wider_vae_round_trips_and_other_configs_are_refused(host, mf, tmp_path):
-    """A family built with a wider VAE (``vae_config(64, 2)``) records it in the file, loads back with that VAE
-    (same weights, same decode), and a file declaring any other change to the VAE is refused before loading."""
+@pytest.mark.parametrize("variant", [(64, 2, (1, 1, 2, 2)), (32, 1, (1, 2, 4, 4))], ids=["wide", "wide-low-res"])
+def test_wider_vae_round_trips_and_other_configs_are_refused(host, mf, tmp_path, variant):
+    """A family built with a wider VAE (``vae_config(64, 2)``, or wider only at the low resolutions,
+    ``ch_mult=(1, 2, 4, 4)``) records it in the file, loads back with that VAE (same weights, same decode), and a
+    file declaring any other change to the VAE is refused before loading."""
     import json
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     err = pack_module(host, "core.host").PersonalizeError
     tf = pack_module(host, "miniworld.train_family")
-    wide = mf.vae_config(64, 2)
-    assert wide["ddconfig"]["ch"] == 64 and wide["ddconfig"]["num_res_blocks"] == 2
+    wide = mf.vae_config(*variant)
+    dd = wide["ddconfig"]
+    assert (dd["ch"], dd["num_res_blocks"], tuple(dd["ch_mult"])) == variant
     assert mf.vae_config() == mf.MINI_VAE_CONFIG
     with pytest.raises(ValueError, match="multiple|32, 64"):
         mf.vae_config(48)  # GroupNorm's 32 groups
+    for bad_mult in ((1, 2, 4), (1, 2, 4, 9), (1, 2, 2.5, 4)):
+        with pytest.raises(ValueError, match="ch_mult"):
+            mf.vae_config(32, 1, bad_mult)
     model, clip, vae = mf.build(seed=1, vae_cfg=wide)
+    assert vae.first_stage_model.encoder.down[2].block[0].conv1.out_channels == dd["ch"] * dd["ch_mult"][2]
     path = tmp_path / "wide.safetensors"
     mf.save_checkpoint(path, model, clip, vae, tf.token_ids_of_world(clip), 0.5)
     umask = os.umask(0)
@@ -93,7 +100,7 @@ def test_wider_vae_round_trips_and_other_configs_are_refused(host, mf, tmp_path)
         torch.testing.assert_close(vae2.first_stage_model.state_dict()[k].float(), v.half().float(), msg=k)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(vae2.decode(z), _roundtrip_decode(vae, z), rtol=1e-2, atol=1e-2)
-    for change in ({"ch_mult": [1, 2, 2, 4]}, {"ch": 48}, {"z_channels": 8}):
+    for change in ({"ch_mult": [1, 2, 2]}, {"ch_mult": [1, 2, 2, 9]}, {"ch": 48}, {"z_channels": 8}):
         other = json.loads(meta["vae_config"])
         other["ddconfig"].update(change)
         bad = tmp_path / "other.safetensors"
