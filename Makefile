@@ -101,12 +101,15 @@ bench: host
 	COMFYUI_PATH="$(HOST_DIR)" $(PY) bench/run_all.py
 
 # The mini world (miniworld/, core/mini_family.py): `make mini-world` reruns the recipe of the shipped weights from
-# scratch in three parts (README, "The mini world"): (1) the VAE stage and 3200 diffusion steps at batch 64, (2) 2800
-# more diffusion steps, (3) 3000 more at batch 128, then the prompt-following check. Each part is a file under
+# scratch in five parts (README, "The mini world"): (1) the 32-channel VAE stage and 3200 diffusion steps at batch 64,
+# (2) 2800 more diffusion steps, (3) 3000 more at batch 128; (4) the wide VAE (64 channels, 2 blocks a level, 8000
+# steps from a pool of 24 000 renders; independent of 1-3); (5) part 3's UNet and text encoder carried over to the
+# wide VAE's latents for 5000 steps at batch 64; then the prompt-following check. Each part is a file under
 # $(MINI_WORLD_DIR), so an interrupted run resumes at the part it was in (delete the folder to start over).
-# About 4 h on a 2-core CPU (parts 1-2 measured: 104 + 47 min); PERSONALIZE_DEVICE=auto trains on a GPU.
-# MINI_WORLD_ARGS go to every part, after the part's own settings (e.g. "--set vae_ch=64", or "--quick --set
-# diffusion_steps=4 --set diffusion_batch=4" for a smoke run); torchrun works too, see the script.
+# About 11 h on a 2-core CPU (per part: 104, 47, ~100 (est.), ~300 (est.), 95 min); PERSONALIZE_DEVICE=auto trains on a
+# GPU. MINI_WORLD_ARGS go to every part, after the part's own settings (e.g. "--quick --set vae_steps=4 --set
+# vae_batch=4 --set vae_pool=0 --set diffusion_steps=4 --set diffusion_batch=4" for a smoke run); torchrun works
+# too, see the script.
 MINI_WORLD_ARGS ?=
 MINI_WORLD_DIR ?= .cache/mini_world
 MINI_WORLD_OUT ?= models/mini_world.safetensors
@@ -123,9 +126,18 @@ $(MINI_WORLD_DIR)/part1.safetensors: | host
 $(MINI_WORLD_DIR)/part2.safetensors: $(MINI_WORLD_DIR)/part1.safetensors | host
 	$(TRAIN_MINI) --init-from $< --set seed=1 --set diffusion_steps=2800 --set diffusion_lr=2.5e-4 $(MINI_WORLD_ARGS) --out $@
 
-mini-world: $(MINI_WORLD_DIR)/part2.safetensors host
+$(MINI_WORLD_DIR)/part3.safetensors: $(MINI_WORLD_DIR)/part2.safetensors | host
 	$(TRAIN_MINI) --init-from $< --set seed=2 --set diffusion_steps=3000 --set diffusion_batch=128 \
-	  --set diffusion_lr=2.5e-4 $(MINI_WORLD_ARGS) --out $(MINI_WORLD_OUT)
+	  --set diffusion_lr=2.5e-4 $(MINI_WORLD_ARGS) --out $@
+
+$(MINI_WORLD_DIR)/wide_vae.safetensors: | host
+	mkdir -p $(MINI_WORLD_DIR)
+	$(TRAIN_MINI) --set vae_ch=64 --set vae_res_blocks=2 --set vae_pool=24000 --set vae_steps=8000 --set vae_batch=64 \
+	  --set diffusion_steps=0 --set pool_size=64 $(MINI_WORLD_ARGS) --out $@
+
+mini-world: $(MINI_WORLD_DIR)/part3.safetensors $(MINI_WORLD_DIR)/wide_vae.safetensors host
+	$(TRAIN_MINI) --init-from $(MINI_WORLD_DIR)/part3.safetensors --vae-from $(MINI_WORLD_DIR)/wide_vae.safetensors \
+	  --set seed=3 --set diffusion_steps=5000 $(MINI_WORLD_ARGS) --out $(MINI_WORLD_OUT)
 	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/eval_mini_world.py --ckpt $(MINI_WORLD_OUT) --check
 
 evaluators: venv
