@@ -67,8 +67,8 @@ class BenchConfig:
     ti_steps: int = 300
     # Textual Inversion at the node's default learning rate and the paper's batch of 8 (Gal et al. 2022, §4:
     # batch 4 on 2 GPUs). Measured on the shipped family (README, "Textual Inversion's settings"): at batch 2 with
-    # lr 2e-2 .. 1.5e-1, and at batch 8 with lr 4e-2, the vector stayed in the class word's basin (its nearest
-    # token the class word, its norm 12-70x the vocabulary's mean) and scored below the class-word floor.
+    # lr 2e-2 .. 1.5e-1 the vector stayed in the class word's basin (its nearest token the class word, its norm
+    # 12-70x the vocabulary's mean) and TI scored below the class-word floor, as it did at batch 8 with lr 4e-2.
     ti_lr: float = 5e-3
     ti_batch_size: int = 8
     lora_steps: int = 200
