@@ -37,7 +37,9 @@ class TrainSubjectEmbedding:
                 "init_word": ("STRING", {"default": "object", "tooltip": "The subject's class (e.g. 'dog'); the embedding starts from it."}),
                 "steps": S.steps(500),
                 "learning_rate": S.learning_rate(5e-3),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
+                    "Noised samples per step. Larger batches give a steadier gradient: the paper used 8, and on the "
+                    "mini world a batch of 2 left the embedding at its init word (README). Costs memory.")}),
                 "seed": S.seed(),
                 "embedding_name": ("STRING", {"default": "my_subject", "tooltip": "File name in models/embeddings."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
