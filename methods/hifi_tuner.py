@@ -7,8 +7,8 @@ vector: ``[c, c_s]`` is the encoded caption ``c`` with its last ``n`` rows (the 
   elements, methods.md §1.10.4; :func:`kernels.losses.masked_mse`).
 * Parameter regularisation, Eq. 6: ``L_s(c_s) + w_s·‖c_s − ϕ_s‖²`` with ``ϕ_s`` the last ``n`` rows of the encoded
   null prompt ``ϕ = E("")``; ``c_s`` starts at ``ϕ_s``. ``w_s`` is not given by the paper (UNCONFIRMED, methods.md §1.10.3);
-  default 3e-3 on the mean squared distance, from a sweep on the mini world (README: 1e-2 kept the scene but lost
-  the subject, 0 the reverse).
+  default 5e-3 on the mean squared distance, from a sweep on the mini world (README: the smallest weight whose scene
+  fidelity matched the plain text prompt's; 1e-2 lost subject, 0 lost scene).
 * Global phase: ``t ~ U{0..999}`` (§1.10.5), Adam, lr 5e-3, 1000 steps.
 * Step-wise representations, Algorithm 1: walk the timesteps ``τ`` of a ``T``-step DDIM schedule from high to low
   noise; ``c_s^τ`` starts from the previous one and is optimised ``I`` steps at ``t = τ`` only, with a fresh Adam
@@ -248,7 +248,7 @@ def masked_eps_loss(objective: DiffusionObjective, rows: ConditioningRows, cond:
 
 def learn_subject(model, clip, vae, images: torch.Tensor, masks: torch.Tensor | None, caption: str, *,
                   n_tokens: int = 5, global_steps: int = 1000, steps_per_step: int = 10, sampling_steps: int = 50,
-                  lr: float = 5e-3, reg_weight: float = 3e-3, use_mask: bool = True, use_reg: bool = True,
+                  lr: float = 5e-3, reg_weight: float = 5e-3, use_mask: bool = True, use_reg: bool = True,
                   use_stepwise: bool = True, seed: int = 0, batch_size: int = 1, gradient_checkpointing: bool = False,
                   mixed_precision: str = "auto", save_as: str | None = None, overwrite: bool = False,
                   node_id=None) -> HiFiSubject:

@@ -26,7 +26,7 @@ def _hifi_tune(**inputs) -> dict:
     settings unless ``inputs`` say otherwise."""
     return {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0), "mask": (2, 1),
             "caption": "a photo of an object", "n_tokens": 5, "global_steps": 4, "steps_per_step": 1,
-            "learning_rate": 0.005, "reg_weight": 0.003, "use_mask": True, "use_regularisation": True,
+            "learning_rate": 0.005, "reg_weight": 0.005, "use_mask": True, "use_regularisation": True,
             "use_stepwise": True, "seed": 0, "overwrite": True, "batch_size": 1, "gradient_checkpointing": False,
             "mixed_precision": "auto", **inputs}
 
