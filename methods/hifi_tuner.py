@@ -246,9 +246,13 @@ def masked_eps_loss(objective: DiffusionObjective, rows: ConditioningRows, cond:
     return loss, denoised
 
 
+REG_WEIGHT = 5e-3
+"""Default ``w_s`` (Eq. 6) of :func:`learn_subject`, the HiFi Subject Tune node and the mini-world benchmark."""
+
+
 def learn_subject(model, clip, vae, images: torch.Tensor, masks: torch.Tensor | None, caption: str, *,
                   n_tokens: int = 5, global_steps: int = 1000, steps_per_step: int = 10, sampling_steps: int = 50,
-                  lr: float = 5e-3, reg_weight: float = 5e-3, use_mask: bool = True, use_reg: bool = True,
+                  lr: float = 5e-3, reg_weight: float = REG_WEIGHT, use_mask: bool = True, use_reg: bool = True,
                   use_stepwise: bool = True, seed: int = 0, batch_size: int = 1, gradient_checkpointing: bool = False,
                   mixed_precision: str = "auto", save_as: str | None = None, overwrite: bool = False,
                   node_id=None) -> HiFiSubject:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..methods.hifi_tuner import REG_WEIGHT
 from . import world
 from .evaluators import Evaluator
 
@@ -77,7 +78,7 @@ class BenchConfig:
     hifi_global_steps: int = 300
     hifi_steps_per_step: int = 3
     hifi_lr: float = 2e-2
-    hifi_reg_weight: float = 5e-3  # w_s of Eq. 6 (the node's reg_weight default)
+    hifi_reg_weight: float = REG_WEIGHT  # w_s of Eq. 6 (the node's reg_weight default)
     batch_size: int = 2
     methods: tuple[str, ...] = METHODS
     seed: int = 0

@@ -46,7 +46,8 @@ class HiFiSubjectTune:
                                                       "Sample with ddim_uniform and this many steps to hit them exactly."}),
                 "learning_rate": ("FLOAT", {"default": 5e-3, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
                                             "tooltip": "Adam learning rate (paper: 5e-3). A fresh Adam per timestep."}),
-                "reg_weight": ("FLOAT", {"default": 5e-3, "min": 0.0, "max": 100.0, "step": 1e-4, "round": False,
+                "reg_weight": ("FLOAT", {"default": hifi_tuner.REG_WEIGHT, "min": 0.0, "max": 100.0, "step": 1e-4,
+                                         "round": False,
                                          "tooltip": "Weight w_s of the pull toward the empty prompt's tail (mean "
                                                     "squared distance). UNCONFIRMED: the paper gives no value; 5e-3 "
                                                     "is our default, the smallest weight that kept the prompt's "
