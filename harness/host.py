@@ -54,7 +54,7 @@ class PackImportError(HostBootError):
 
 
 def resolve_host_path(comfyui_path: str | os.PathLike | None = None) -> Path:
-    """``comfyui_path``, else ``$COMFYUI_PATH``, else ``<repo>/.hosts/comfyui-2024``; validated."""
+    """``comfyui_path``, else ``$COMFYUI_PATH``, else ``<repo>/.hosts/comfyui-v0.3.75``; validated."""
     raw = comfyui_path or os.environ.get("COMFYUI_PATH") or DEFAULT_HOST_PATH
     path = Path(raw).expanduser().resolve()
     missing = [name for name in _REQUIRED_HOST_ENTRIES if not (path / name).exists()]

@@ -1,6 +1,6 @@
 """Session fixtures: one booted ComfyUI host per test session, tiny checkpoints, workflow runners, HTTP server.
 
-The host tree is ``$COMFYUI_PATH`` (set by ``make test``), else ``<repo>/.hosts/comfyui-2024`` (``make host`` builds
+The host tree is ``$COMFYUI_PATH`` (set by ``make test``), else ``<repo>/.hosts/comfyui-v0.3.75`` (``make host`` builds
 it). Tiny random checkpoints are built lazily by ``harness.fixtures.ensure_checkpoint`` (cached in
 ``<repo>/.cache/fixtures``) and symlinked into the session's ``models/checkpoints`` as
 ``personalize_test_<kind>.safetensors``; only the kinds a test asks for are built.
