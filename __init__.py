@@ -5,4 +5,6 @@ or downloads happen at import time.
 """
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
+WEB_DIRECTORY = "./web"  # node help pages (web/docs/<NodeId>.md), served at /extensions/<folder>/
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
