@@ -78,6 +78,8 @@ def _strip_text(d: dict) -> dict:
     for section in d["inputs"].values():
         for spec in section.values():
             spec.pop("tooltip", None)
+            if spec.get("multiline") is False:  # V3's String.Input always writes it; False is V1's default
+                del spec["multiline"]
     return d
 
 
