@@ -30,6 +30,18 @@ class PersonalizeError(ValueError):
     """A user-facing error: says what is wrong and how to fix it. Raised before any work starts."""
 
 
+# ComfyUI's error dialog titles an error with execution.full_type_name: ``__module__ + "." + __qualname__``. The
+# loader imports the pack under its directory path, so the real module name reads
+# ".../custom_nodes/comfyui-personalize.core.host"; users see "personalize.PersonalizeError" instead.
+PersonalizeError.__module__ = "personalize"
+
+
+def join_names(names) -> str:
+    """'A', 'A or B', 'A, B or C'."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def model_family(model) -> str:
     """Family of a MODEL (ModelPatcher): 'sd1', 'sd2', 'sdxl', or the model config's class name."""
     config = getattr(model.model, "model_config", None)
@@ -55,7 +67,7 @@ def require_family(node: str, model=None, clip=None, supported=("sd1", "sd2", "s
     """Check that MODEL (and CLIP) belong to a supported family and to the same one; return the family."""
     fam_m = model_family(model) if model is not None else None
     fam_c = clip_family(clip) if clip is not None else None
-    names = ", ".join(FAMILY_NAMES.get(s, s) for s in supported)
+    names = join_names(FAMILY_NAMES.get(s, s) for s in supported)
     for fam, what in ((fam_m, "MODEL"), (fam_c, "CLIP")):
         if fam is not None and fam not in supported:
             raise PersonalizeError(

@@ -56,3 +56,23 @@ def prepare_masks(node: str, images: torch.Tensor, masks: torch.Tensor | None) -
 def to_latent_masks(masks: torch.Tensor | None, latent_hw: tuple[int, int]) -> torch.Tensor | None:
     from ..kernels.losses import resize_mask_to
     return None if masks is None else resize_mask_to(masks, latent_hw)
+
+
+NAME_MAX_BYTES = 255  # longest file name (one path component) on ext4, btrfs, xfs, APFS and NTFS
+
+
+def check_file_name(node: str, what: str, name: str, suffix: str = ".safetensors") -> None:
+    """Refuse a user-typed file name whose file (``name`` + ``suffix``, per path component) would be longer than
+    the file system allows (255 bytes in UTF-8), before any work, instead of ``OSError: File name too long``
+    after it."""
+    name = name.strip()
+    parts = name.replace("\\", "/").split("/")
+    if parts and not parts[-1].endswith(suffix):
+        parts[-1] += suffix
+    for part in parts:
+        size = len(part.encode("utf-8"))
+        if size > NAME_MAX_BYTES:
+            short = part if len(part) <= 40 else part[:37] + "..."
+            raise PersonalizeError(
+                f"{node}: the {what} '{short}' is {size} bytes long; file names may be at most {NAME_MAX_BYTES} bytes "
+                f"(the file system's limit, '{suffix}' included). Choose a shorter {what}.")

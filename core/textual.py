@@ -8,6 +8,8 @@ The same vectors saved as an embedding file load with the stock ``embedding:name
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .graph_patches import override_forward
@@ -41,6 +43,65 @@ def word_token_ids(clip, word: str) -> dict[str, list[int]]:
     return out
 
 
+# What ComfyUI's ``embedding:<name>`` syntax (comfy/sd1_clip.py, SDTokenizer.tokenize_with_weights) can load: the
+# name ends at the first space; '(' ')' ':' '\\' are the prompt-weight syntax; ',' is stripped from its end; '.'
+# and path separators make names ('.', '..', 'a/b') that do not name a file in models/embeddings.
+EMBEDDING_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+EMBEDDING_NAME_CHARS = "letters A-Z a-z, digits 0-9, '_' and '-'"
+SAFE_PLACEHOLDERS = ("sks", "ohwx")  # single tokens in the rare tail of the CLIP vocabulary
+# CLIP's byte-level BPE numbers its tokens in merge order, i.e. by frequency in the tokenizer's training text:
+# a word among the first 80% (ids < ~39500 of 49408, e.g. 'dog' 1929, 'object' 14115) is a word prompts use.
+COMMON_TOKEN_FRACTION = 0.8
+
+
+def check_embedding_name(node: str, name: str) -> str:
+    """The embedding file name, stripped; refused unless ``embedding:<name>`` in a stock CLIPTextEncode loads it."""
+    stripped = name.strip()
+    if not EMBEDDING_NAME_RE.fullmatch(stripped):
+        raise PersonalizeError(
+            f"{node}: the embedding_name '{name}' cannot be loaded with 'embedding:{stripped}' in a prompt. Use only "
+            f"{EMBEDDING_NAME_CHARS} (no spaces, dots or slashes), e.g. 'my_subject'.")
+    return stripped
+
+
+def _vocab_size(clip, key: str) -> int | None:
+    tok = getattr(getattr(clip.tokenizer, f"clip_{key}", None), "tokenizer", None)
+    try:
+        return len(tok.get_vocab())
+    except Exception:  # a tokenizer without a vocabulary table: no frequency check
+        return None
+
+
+def check_placeholder(node: str, clip, placeholder: str, init_word: str | None = None) -> dict[str, int]:
+    """Token id of ``placeholder`` per text encoder; refused (before any work) unless it is one plain word that
+    every tokenizer keeps as a single token, is not the init word, and is not a common word: its row replaces the
+    token everywhere, so a placeholder such as 'dog' would change every prompt that says 'dog'."""
+    placeholder = placeholder.strip()
+    alternatives = " or ".join(f"'{w}'" for w in SAFE_PLACEHOLDERS)
+    if not placeholder or any(c.isspace() for c in placeholder):
+        raise PersonalizeError(f"{node}: the placeholder must be one word without spaces (got '{placeholder}'). "
+                               f"Use a rare word such as {alternatives}.")
+    ids = word_token_ids(clip, placeholder)
+    for key, toks in ids.items():
+        if len(toks) != 1:
+            raise PersonalizeError(
+                f"{node}: the placeholder '{placeholder}' is {len(toks)} tokens for the text encoder clip_{key}; "
+                f"it must be exactly one. Choose a short rare word such as {alternatives}.")
+    if init_word is not None and placeholder.lower() == init_word.strip().lower():
+        raise PersonalizeError(
+            f"{node}: the placeholder '{placeholder}' is the init word itself; every prompt with "
+            f"'{placeholder}' would show your subject. Use a rare word such as {alternatives} as the placeholder "
+            f"and keep '{init_word.strip()}' as init_word.")
+    for key, toks in ids.items():
+        size = _vocab_size(clip, key)
+        if size and toks[0] < COMMON_TOKEN_FRACTION * size:
+            raise PersonalizeError(
+                f"{node}: the placeholder '{placeholder}' is a common word for the text encoder clip_{key} (token "
+                f"{toks[0]} of {size}; the tokenizer numbers words by frequency): training it would change every "
+                f"prompt that says '{placeholder}'. Use a rare single-token word such as {alternatives}.")
+    return {k: v[0] for k, v in ids.items()}
+
+
 def token_embedding(clip, key: str) -> torch.nn.Module:
     module = getattr(clip.cond_stage_model, f"clip_{key}")
     for part in EMBEDDING_PATH.split("."):
@@ -51,22 +112,15 @@ def token_embedding(clip, key: str) -> torch.nn.Module:
 class PlaceholderEmbeddings(torch.nn.Module):
     """One trainable vector per text encoder for a single-token placeholder word."""
 
-    def __init__(self, clip, placeholder: str, init_word: str):
+    def __init__(self, clip, placeholder: str, init_word: str, node: str = "Train Subject Embedding"):
         super().__init__()
         placeholder = placeholder.strip()
-        if not placeholder or " " in placeholder:
-            raise PersonalizeError(f"The placeholder must be one word without spaces (got '{placeholder}').")
-        ids = word_token_ids(clip, placeholder)
-        for key, toks in ids.items():
-            if len(toks) != 1:
-                raise PersonalizeError(
-                    f"The placeholder '{placeholder}' is {len(toks)} tokens for the text encoder clip_{key}; "
-                    "it must be exactly one. Choose a short rare word such as 'sks' or 'zwx'.")
+        token_ids = check_placeholder(node, clip, placeholder, init_word)
         init_ids = word_token_ids(clip, init_word)
         if not all(init_ids.values()):
             raise PersonalizeError(f"The init word '{init_word}' is empty; use the subject's class, e.g. 'dog'.")
         self.word = placeholder
-        self.token_ids = {k: v[0] for k, v in ids.items()}
+        self.token_ids = token_ids
         self.vectors = torch.nn.ParameterDict()
         for key, toks in init_ids.items():
             weight = token_embedding(clip, key).weight

@@ -123,7 +123,10 @@ def get_executor(*, fresh: bool = False):
     host = _require_host()
     if _executor is None or fresh:
         _server = StubServer()
-        _executor = host.execution.PromptExecutor(_server)
+        # 2025-12 trees read cache_args["ram"] after every node (main.py passes --cache-lru/--cache-ram defaults)
+        params = inspect.signature(host.execution.PromptExecutor.__init__).parameters
+        kwargs = {"cache_args": {"lru": 0, "ram": 0}} if "cache_args" in params else {}
+        _executor = host.execution.PromptExecutor(_server, **kwargs)
     return _executor, _server
 
 

@@ -107,6 +107,7 @@ class Host:
     extras_import_failed: list = field(default_factory=list)
     boot_log: list = field(default_factory=list)
     boot_seconds: float = 0.0
+    pack_classes: dict = field(default_factory=dict)  # node id -> class, as the pack declares them
 
     def __repr__(self) -> str:
         return (f"Host(path={str(self.path)!r}, version={self.version!r}, pack={self.pack_module_name!r}, "
@@ -119,8 +120,7 @@ class Host:
 
     @property
     def pack_node_ids(self) -> list[str]:
-        mapping = getattr(self.pack_module, "NODE_CLASS_MAPPINGS", None) or {}
-        return sorted(mapping)
+        return sorted(self.pack_classes)
 
     @property
     def node_class_mappings(self) -> dict:
@@ -326,6 +326,25 @@ def _pack_failure_message(messages: list[str], module_path: str) -> str | None:
     return None
 
 
+def _pack_classes(pack_module: ModuleType, pack_name: str) -> dict:
+    """``{node id: class}`` as the pack declares them: its V3 ``comfy_entrypoint()`` extension's node list (each
+    class's ``GET_SCHEMA().node_id``), or a V1 ``NODE_CLASS_MAPPINGS`` (which ComfyUI's loader prefers)."""
+    mappings = getattr(pack_module, "NODE_CLASS_MAPPINGS", None)
+    if mappings is not None:
+        return dict(mappings)
+    entrypoint = getattr(pack_module, "comfy_entrypoint", None)
+    if entrypoint is None:
+        raise PackImportError(f"pack module {pack_name} has neither comfy_entrypoint nor NODE_CLASS_MAPPINGS")
+
+    async def node_list():
+        extension = entrypoint()
+        if inspect.isawaitable(extension):
+            extension = await extension
+        return await extension.get_node_list()
+
+    return {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(node_list())}
+
+
 def _boot(path: Path, models_dir: Path, output_dir: Path, input_dir: Path | None, temp_dir: Path | None,
           isolate_custom_nodes: bool) -> Host:
     started = time.perf_counter()
@@ -424,9 +443,7 @@ def _boot(path: Path, models_dir: Path, output_dir: Path, input_dir: Path | None
         tail = "\n".join(capture.messages[-30:])
         raise PackImportError(f"the pack was not imported from {module_path}; loader log tail:\n{tail}")
 
-    pack_mappings = getattr(pack_module, "NODE_CLASS_MAPPINGS", None)
-    if pack_mappings is None:
-        raise PackImportError(f"pack module {pack_name} has no NODE_CLASS_MAPPINGS")
+    pack_mappings = _pack_classes(pack_module, pack_name)
     wrong = {key: ("absent" if key not in nodes.NODE_CLASS_MAPPINGS else "shadowed by another class")
              for key in pack_mappings if nodes.NODE_CLASS_MAPPINGS.get(key) is not pack_mappings[key]}
     if wrong:
@@ -462,6 +479,7 @@ def _boot(path: Path, models_dir: Path, output_dir: Path, input_dir: Path | None
         extras_import_failed=extras_failed,
         boot_log=list(capture.messages),
         boot_seconds=time.perf_counter() - started,
+        pack_classes=dict(pack_mappings),
     )
     log.info("booted ComfyUI %s from %s in %.1fs; pack module %s with %d nodes", host.version, path,
              host.boot_seconds, pack_name, len(pack_mappings))

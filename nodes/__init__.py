@@ -1,11 +1,17 @@
-"""Node classes. They only translate sockets; the maths lives in ``methods/`` and ``core/``.
+"""Node classes (ComfyUI's V3 schema, ``comfy_api.v0_0_2``). They only translate sockets; the maths lives in
+``methods/`` and ``core/``.
 
-Node ids (the keys below) and input names are a public API: add and deprecate, never rename.
+Node ids (``io.Schema.node_id``) and input names are a public API: add and deprecate, never rename
+(tests/test_node_api.py holds them to the definitions of the V1 pack, tests/data/node_api_v1.json).
+Imported by the pack's ``comfy_entrypoint`` when ComfyUI loads the pack, never at the pack's import.
 """
 from . import hifi, images, inversion, mini, training, utility
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (hifi, images, inversion, mini, training, utility):
-    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
-    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+NODES = [*training.NODES, *hifi.NODES, *inversion.NODES, *images.NODES, *utility.NODES, *mini.NODES]
+
+
+def register_folders() -> None:
+    """The pack's model folders in ``folder_paths`` (dictionary entries only, no file system work)."""
+    from ..methods import hifi_tuner
+    hifi_tuner.register_subject_folder()
+    mini.register_folder()

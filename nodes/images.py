@@ -6,8 +6,13 @@ import os
 import numpy as np
 import torch
 
+from comfy_api.v0_0_2 import io
+
 from ..core.host import PersonalizeError
+from ..core.inputs import check_file_name
 from . import sockets as S
+
+NODE = "Load Subject Images"
 
 _EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -27,6 +32,7 @@ def load_subject_folder(folder: str, size: int):
     from the photo's alpha channel (opaque = subject, as background-removal tools write); else all ones."""
     import folder_paths
     from PIL import Image, ImageOps
+    check_file_name(NODE, "folder", folder, suffix="")
     base = os.path.realpath(folder_paths.get_input_directory())
     path = os.path.realpath(os.path.join(base, folder))
     if not path.startswith(base + os.sep) or not os.path.isdir(path):
@@ -34,14 +40,25 @@ def load_subject_folder(folder: str, size: int):
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(_EXTS) and "_mask." not in f.lower())
     if not files:
         raise PersonalizeError(f"The folder '{folder}' has no images ({', '.join(_EXTS)}).")
+
+    def read(file_path: str):
+        try:
+            img = Image.open(file_path)
+            img.load()
+            return ImageOps.exif_transpose(img)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise PersonalizeError(
+                f"{NODE}: {os.path.basename(file_path)} in '{folder}' is not a readable image ({type(e).__name__}: "
+                f"{e}). Replace or remove that file.") from None
+
     images, masks = [], []
     for f in files:
-        img = ImageOps.exif_transpose(Image.open(os.path.join(path, f)))
+        img = read(os.path.join(path, f))
         stem, _ = os.path.splitext(f)
         mask_file = next((os.path.join(path, stem + "_mask" + e) for e in _EXTS
                           if os.path.exists(os.path.join(path, stem + "_mask" + e))), None)
         if mask_file:
-            mask = Image.open(mask_file).convert("L")
+            mask = read(mask_file).convert("L")
         elif "A" in img.getbands():
             mask = img.getchannel("A")
         else:
@@ -56,33 +73,38 @@ def load_subject_folder(folder: str, size: int):
     return torch.stack(images), torch.stack(masks)
 
 
-class LoadSubjectImages:
-    DESCRIPTION = ("Loads all photos of a subject from a folder in ComfyUI's input directory, centre-cropped to "
-                   "squares, with masks from <name>_mask.png files or the photos' alpha channel.")
-    CATEGORY = S.CATEGORY + "/utils"
-    FUNCTION = "load"
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("images", "masks")
+class LoadSubjectImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return S.schema(
+            node_id="PersonalizeLoadSubjectImages",
+            display_name="Load Subject Images (folder)",
+            category=S.CATEGORY + "/utils",
+            description=("Loads all photos of a subject from a folder in ComfyUI's input directory, centre-cropped to "
+                         "squares, with masks from <name>_mask.png files or the photos' alpha channel."),
+            search_aliases=["subject photos", "load image folder", "reference images"],
+            inputs=[
+                io.String.Input("folder", default="subject", tooltip="Folder inside ComfyUI's input directory."),
+                io.Int.Input("size", default=512, min=0, max=4096, step=8,
+                             tooltip="Square size to crop and resize to (0 = keep the photos' own size)."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.Mask.Output(display_name="masks")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "folder": ("STRING", {"default": "subject", "tooltip": "Folder inside ComfyUI's input directory."}),
-            "size": ("INT", {"default": 512, "min": 0, "max": 4096, "step": 8,
-                             "tooltip": "Square size to crop and resize to (0 = keep the photos' own size)."}),
-        }}
-
-    @classmethod
-    def IS_CHANGED(cls, folder, size):
+    def fingerprint_inputs(cls, folder, size):
         import folder_paths
         path = os.path.join(folder_paths.get_input_directory(), folder)
-        if not os.path.isdir(path):
+        try:
+            if not os.path.isdir(path):
+                return ""
+            return ";".join(f"{f}:{os.path.getmtime(os.path.join(path, f))}" for f in sorted(os.listdir(path)))
+        except OSError:  # e.g. a name too long: execute() says so
             return ""
-        return ";".join(f"{f}:{os.path.getmtime(os.path.join(path, f))}" for f in sorted(os.listdir(path)))
 
-    def load(self, folder, size):
-        return load_subject_folder(folder, size)
+    @classmethod
+    def execute(cls, folder, size) -> io.NodeOutput:
+        return io.NodeOutput(*load_subject_folder(folder, size))
 
 
-NODE_CLASS_MAPPINGS = {"PersonalizeLoadSubjectImages": LoadSubjectImages}
-NODE_DISPLAY_NAME_MAPPINGS = {"PersonalizeLoadSubjectImages": "Load Subject Images (folder)"}
+NODES = [LoadSubjectImages]

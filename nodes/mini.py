@@ -6,6 +6,8 @@ import os
 
 from ..core import mini_family
 from ..core.host import PersonalizeError
+from comfy_api.v0_0_2 import io
+
 from . import sockets as S
 
 FOLDER = "personalize_mini"  # <pack>/models (the committed weights) and models/personalize/mini
@@ -21,32 +23,34 @@ def register_folder() -> None:
             [PACK_MODELS, os.path.join(folder_paths.models_dir, "personalize", "mini")], {".safetensors"})
 
 
-register_folder()
-
-
-class LoadMiniModel:
-    DESCRIPTION = ("Loads a mini-world checkpoint: a small Stable-Diffusion-1-architecture model (UNet, CLIP text "
-                   "encoder, VAE built from ComfyUI's own classes) trained on the pack's procedural 64x64 world. Every "
-                   "node treats it as SD1.x. For a real model, use Load Checkpoint instead - the rest of a workflow "
-                   "stays the same.")
-    CATEGORY = S.CATEGORY + "/mini_world"
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+class LoadMiniModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+        register_folder()
+        return S.schema(
+            node_id="PersonalizeLoadMiniModel",
+            display_name="Load Mini Model (mini world)",
+            category=S.CATEGORY + "/mini_world",
+            description=("Loads a mini-world checkpoint: a small Stable-Diffusion-1-architecture model (UNet, CLIP "
+                         "text encoder, VAE built from ComfyUI's own classes) trained on the pack's procedural 64x64 "
+                         "world. Every node treats it as SD1.x. For a real model, use Load Checkpoint instead - the "
+                         "rest of a workflow stays the same."),
+            search_aliases=["mini world", "tiny model", "demo checkpoint"],
+            inputs=[io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list(FOLDER),
+                                   tooltip="A file in the pack's models/ or models/personalize/mini.")],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        import folder_paths
-        return {"required": {"ckpt_name": (folder_paths.get_filename_list(FOLDER),
-                                           {"tooltip": "A file in the pack's models/ or models/personalize/mini."})}}
-
-    def load(self, ckpt_name):
+    def execute(cls, ckpt_name) -> io.NodeOutput:
         import folder_paths
         path = folder_paths.get_full_path(FOLDER, ckpt_name)
         if path is None:
             raise PersonalizeError(f"Load Mini Model: {ckpt_name} is not in the mini model folders "
                                    f"({', '.join(folder_paths.get_folder_paths(FOLDER))}). Run `make mini-world`.")
-        return mini_family.load_checkpoint(path, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        return io.NodeOutput(*mini_family.load_checkpoint(
+            path, embedding_directory=folder_paths.get_folder_paths("embeddings")))
 
 
-NODE_CLASS_MAPPINGS = {"PersonalizeLoadMiniModel": LoadMiniModel}
-NODE_DISPLAY_NAME_MAPPINGS = {"PersonalizeLoadMiniModel": "Load Mini Model (mini world)"}
+NODES = [LoadMiniModel]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from comfy_api.v0_0_2 import io
+
 from . import sockets as S
 
 
@@ -32,21 +34,26 @@ def plot_losses(losses: list, width: int = 512, height: int = 256) -> torch.Tens
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 
-class LossGraph:
-    DESCRIPTION = "Plots a training loss curve (any LOSS_MAP) as an image."
-    CATEGORY = S.CATEGORY + "/utils"
-    FUNCTION = "plot"
-    RETURN_TYPES = ("IMAGE",)
+class LossGraph(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return S.schema(
+            node_id="PersonalizeLossGraph",
+            display_name="Personalize Loss Graph",
+            category=S.CATEGORY + "/utils",
+            description="Plots a training loss curve (any LOSS_MAP) as an image.",
+            search_aliases=["loss curve", "training loss plot"],
+            inputs=[
+                S.LossMap.Input("loss"),
+                io.Int.Input("width", default=512, min=128, max=4096, step=8),
+                io.Int.Input("height", default=256, min=64, max=4096, step=8),
+            ],
+            outputs=[io.Image.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"loss": (S.LOSS_MAP,),
-                             "width": ("INT", {"default": 512, "min": 128, "max": 4096, "step": 8}),
-                             "height": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 8})}}
-
-    def plot(self, loss, width, height):
-        return (plot_losses(list(loss.get("loss", [])), width, height),)
+    def execute(cls, loss, width, height) -> io.NodeOutput:
+        return io.NodeOutput(plot_losses(list(loss.get("loss", [])), width, height))
 
 
-NODE_CLASS_MAPPINGS = {"PersonalizeLossGraph": LossGraph}
-NODE_DISPLAY_NAME_MAPPINGS = {"PersonalizeLossGraph": "Personalize Loss Graph"}
+NODES = [LossGraph]

@@ -56,7 +56,7 @@ def assert_real_image(path: Path) -> np.ndarray:
 def test_host_boot_loaded_pack(host):
     assert host.pack_module is not None
     for node_id in host.pack_node_ids:
-        assert host.nodes.NODE_CLASS_MAPPINGS[node_id] is host.pack_module.NODE_CLASS_MAPPINGS[node_id]
+        assert host.nodes.NODE_CLASS_MAPPINGS[node_id] is host.pack_classes[node_id]
     assert host.custom_nodes_dir.joinpath("comfyui_personalize").resolve() == Path(__file__).resolve().parents[1]
     assert host.folder_paths.get_output_directory() == str(host.output_dir)
     # feature flags agree with the tree layout (no version sniffing involved)
