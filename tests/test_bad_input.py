@@ -29,7 +29,7 @@ def _no_file(host, folder, name):
 def test_unsupported_family(host, sd15, subject, err, unique_name):
     model, clip, vae = sd15
     flux = types.SimpleNamespace(model=types.SimpleNamespace(model_config=type("Flux", (), {})()))
-    with pytest.raises(err, match="does not support.*Load an SD1.x, SD2.x, SDXL checkpoint"):
+    with pytest.raises(err, match="does not support.*Load an SD1.x, SD2.x or SDXL checkpoint"):
         _ti(flux, clip, vae, subject[0], unique_name())
     sd2_clip = types.SimpleNamespace(cond_stage_model=types.SimpleNamespace(clip_h=object()))
     with pytest.raises(err, match="MODEL is SD1.x but the CLIP is SD2.x"):
