@@ -83,8 +83,9 @@ def release(*patchers) -> None:
     models (``keep_loaded``), which unpatches each of ours (``LoadedModel.model_unload``) and drops it from the
     host's list. Other models stay loaded."""
     ids = {id(p) for p in patchers}
-    others = [mm.LoadedModel(m) for m in mm.loaded_models() if id(m) not in ids]
-    for device in {p.load_device for p in patchers if any(m is p for m in mm.loaded_models())}:
+    entries = list(mm.current_loaded_models)  # read only: the host's own call below changes the list
+    others = [e for e in entries if id(e.model) not in ids]
+    for device in {e.device for e in entries if id(e.model) in ids}:
         mm.free_memory(float("inf"), device, keep_loaded=others)
 
 

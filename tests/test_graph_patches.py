@@ -75,3 +75,25 @@ def test_clip_layer_needs_the_out_of_place_rewrite_and_it_is_exact(host, sd15):
     def f(inp):
         return (rewritten(layer, inp, None, attention) * weight).sum()
     _directional_check(f, [x])
+
+
+def test_release_unloads_only_our_clone_and_its_patches(host, sd15):
+    """core.host.release goes through the host's own unloading: our patched clone leaves the loaded-model list with
+    its object patch removed from the shared module; the original MODEL stays loaded."""
+    import comfy.model_management as mm
+    from helpers import module_forward_is_clean
+    core_host = pack_module(host, "core.host")
+    model = sd15[0]
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+        clone = model.clone()
+        block = next(n for n, m in model.model.diffusion_model.named_modules() if type(m).__name__ == "ResBlock")
+        clone.add_object_patch(f"diffusion_model.{block}.forward", lambda *a, **k: None)
+        core_host.load_for_compute(clone)
+        assert any(m is clone for m in mm.loaded_models())
+        assert not module_forward_is_clean(model.model)
+        core_host.release(clone)
+    assert not any(m is clone for m in mm.loaded_models())
+    assert module_forward_is_clean(model.model)
+    mm.load_models_gpu([model])
+    assert any(m is model for m in mm.loaded_models())
