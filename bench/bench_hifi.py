@@ -12,7 +12,7 @@ batch-2 forward), plus the step's share of sample_custom's fixed cost. Workloads
   forward + backward (w.r.t. the subject rows in the cross-attention context) of the cond branch.
 * Invert Image (methods/inversion.py): one DDIM inversion step (``ddim_invert``, cfg 1: one cond forward) and one
   null-text step (``null_text_optimise``, J = ``--inner-steps`` inner steps, early stop off so all J run: one cached
-  cond forward, J uncond forward+backward, one final uncond forward), with the ``ModelDenoiser`` that
+  cond forward, J uncond forward+backward, one final uncond forward), with the ``ModelPrediction`` that
   ``invert_image`` builds, inside a ``TrainingSession``.
 * HiFi Reference-Guided Sampler (methods/reference_guidance.py): ``sample_custom`` with
   ``reference_guided_sampler(ReferenceGuidance(...))`` on the stock MODEL; "guided" has t_start = N, t_end = 1 (every
@@ -24,8 +24,8 @@ batch-2 forward), plus the step's share of sample_custom's fixed cost. Workloads
   with a ``model_function_wrapper`` on a clone of the MODEL (calls whose ``cond_or_uncond`` contains 0): must be 1.
 
 Components (for the expectations): one uncond forward at batch 1 (no grad) and one forward + backward w.r.t. the
-context, on the stock MODEL as the guided sampler runs them (host attention; ``unet_differentiable_during``) and
-through the training session's ``ModelDenoiser`` as tuning/inversion run them (fused SDPA on CPU).
+context, on the stock MODEL as the guided sampler runs them (host attention) and through the training session's
+``ModelPrediction`` as tuning/inversion run them (fused SDPA on CPU).
 
 The session-side models are a second load of the checkpoint, so the stock sampling never unloads the training
 session's patched clone (they are not clones of each other). Timing: ``measure.interleaved`` - every workload and the
@@ -86,7 +86,7 @@ class Row:
 def pack_modules(h):
     import importlib
     p = h.pack_module_name
-    names = ("core.tuning", "core.diffusion", "core.textual", "core.host", "core.graph_patches", "methods.hifi_tuner",
+    names = ("core.tuning", "core.diffusion", "core.textual", "core.host", "core.sampling", "methods.hifi_tuner",
              "methods.inversion", "methods.reference_guidance")
     return {n.split(".")[-1]: importlib.import_module(f"{p}.{n}") for n in names}
 
@@ -187,11 +187,11 @@ class Bench:
             self.tune_cfg = tuning.TuningConfig(steps=10 ** 6, learning_rate=TUNE_LR, seed=self.seed)
             self.tune = {label: self._tune_side(objective, cond, pooled, null[0, -N_TOKENS:], t, label)
                          for label, t in (("global", None), ("step-wise", STEPWISE_T))}
-            # inversion: the ModelDenoiser invert_image builds
+            # inversion: the ModelPrediction invert_image builds
             x0 = s.model.model.process_latent_in(self.latents.float().clone()).to(dev)
             self.x0_t = x0
             pos_t, neg_t = [[cond, {}]], [[null, {}]]
-            self.denoiser = inv.ModelDenoiser(s.model, pos_t, neg_t, x0)
+            self.denoiser = M["sampling"].ModelPrediction.for_conditioning(s.model, pos_t, neg_t, x0, inv.NODE)
             self.sig = self.sigmas.detach().double().cpu()
             self.traj_t = inv.ddim_invert(self.denoiser, x0, cond, self.sig)
             ref_x0 = s.model.model.process_latent_in(self.ref_latents.float().clone()).to(dev)
@@ -249,7 +249,7 @@ class Bench:
         import dataclasses
         import torch
         M, n, J = self.M, self.n, self.J
-        inv, rg, gp = M["inversion"], M["reference_guidance"], M["graph_patches"]
+        inv, rg = M["inversion"], M["reference_guidance"]
         guided_sampler = rg.reference_guided_sampler(self.guided)
         unguided_sampler = rg.reference_guided_sampler(self.unguided)
 
@@ -272,11 +272,9 @@ class Bench:
 
         def stock_fwd_bwd():
             phi = ctx_s.clone().requires_grad_(True)
-            with gp.unet_differentiable_during(base):
-                d = stock_call(phi)
-            (d * w_s).sum().backward()
+            (stock_call(phi) * w_s).sum().backward()
 
-        # components through the session's ModelDenoiser (fused SDPA, the session's out-of-place patches)
+        # components through the session's ModelPrediction (fused SDPA)
         den = self.denoiser
         x_t = (self.x0_t + float(self.sigmas[1]) * self.noise.to(self.x0_t.device)).detach()
         sig_t = torch.full((1,), float(self.sigmas[1]), device=x_t.device)

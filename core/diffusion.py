@@ -1,6 +1,6 @@
 """The diffusion training objective on a ComfyUI MODEL (DDPM, Ho et al. 2020, Eq. 14; masked: HiFi Tuner Eq. 5).
 
-Written in ComfyUI's k-diffusion form (methods.md §0.3): a clean latent ``x0`` (model space, after
+Written in ComfyUI's k-diffusion form (core/sampling.py): a clean latent ``x0`` (model space, after
 ``process_latent_in``) is noised to ``x = x0 + σ·ε`` at ``σ = σ(t)``, ``t ~ U{0..999}``; the model's
 ``apply_model`` returns the denoised estimate ``D(x, σ)`` and ``ε̂ = (x − D)/σ``. For ε-prediction models this
 is exactly the model's ε output; v-prediction (SD2) and other parametrisations are converted by the host's
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.losses import masked_mse
+from .sampling import ModelPrediction, adm_extras, eps_from_denoised
 
 
 class DiffusionObjective:
@@ -31,7 +32,8 @@ class DiffusionObjective:
         self.sigmas = self.base.model_sampling.sigmas.float().cpu()
         h, w = latents.shape[-2:]
         self.pixel_size = pixel_size or (w * 8, h * 8)
-        self.transformer_options = dict(model.model_options.get("transformer_options", {}))
+        # the training forward: the MODEL's transformer_options (attention patches), not its sampling-time wrapper
+        self.prediction = ModelPrediction(model, through_wrapper=False)
 
     def sample(self, batch_size: int, t: int | None = None):
         """Pick images, timesteps and noise: returns ``(idx, sigma [B], noise [B,4,h,w])``."""
@@ -47,21 +49,11 @@ class DiffusionObjective:
 
     def extra_conds(self, pooled: torch.Tensor | None, batch: int) -> dict:
         """Model-specific extra inputs: SDXL's ADM vector (pooled text + size conditioning)."""
-        if getattr(self.base, "adm_channels", 0) and pooled is not None:
-            w, h = self.pixel_size
-            y = self.base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
-                                     target_width=w, target_height=h, device=self.device)
-            return {"y": y.to(self.device).expand(batch, -1)}
-        return {}
+        return adm_extras(self.base, pooled, self.pixel_size, batch, self.device)
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, pooled=None) -> torch.Tensor:
         """Denoised prediction ``D(x, σ)`` with text conditioning ``cond [B, 77k, d]``."""
-        cond = cond.to(self.device)
-        if cond.shape[0] != x.shape[0]:
-            cond = cond.expand(x.shape[0], -1, -1)
-        return self.base.apply_model(x, sigma, c_crossattn=cond,
-                                     transformer_options=dict(self.transformer_options),
-                                     **self.extra_conds(pooled, x.shape[0]))
+        return self.prediction(x, sigma, cond.to(self.device), extras=self.extra_conds(pooled, x.shape[0]))
 
     def loss(self, cond: torch.Tensor, idx, sigma, noise, pooled=None, use_mask: bool = True,
              snr_gamma: float = 0.0):
@@ -75,7 +67,7 @@ class DiffusionObjective:
         s = sigma.view(-1, 1, 1, 1)
         x = x0 + s * noise
         denoised = self.predict(x, sigma, cond, pooled)
-        eps_hat = (x - denoised) / s
+        eps_hat = eps_from_denoised(x, denoised, s)
         mask = self.masks[idx.to(self.device)] if (use_mask and self.masks is not None) else None
         weight = min_snr_weight(sigma, snr_gamma) if snr_gamma > 0 else None
         return masked_mse(eps_hat, noise, mask, weight), denoised

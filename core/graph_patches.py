@@ -1,12 +1,13 @@
 """Object patches on a ModelPatcher: how the pack changes a model's graph without mutating it.
 
 Everything here goes through ``ModelPatcher.add_object_patch`` on a *clone*, so the patch exists only while
-that clone is loaded and is removed by ComfyUI's own unpatching (identical in the 2024 and current hosts).
+that clone is loaded and is removed by ComfyUI's own unpatching.
 
 * :func:`override_forward` replaces one submodule's ``forward`` with a function of ``(base_forward, *args)``.
   LoRA bypass deltas and placeholder-token embeddings are both built on it.
-* :func:`add_out_of_place_patches` makes host blocks that use in-place residual adds (``x += n``) safe for
-  autograd (2024 ``BasicTransformerBlock._forward``; ``CLIPLayer.forward`` in both hosts).
+* :func:`make_text_encoder_differentiable` makes the text encoder's ``CLIPLayer.forward``, whose residual adds are
+  in place (``x += self.self_attn(self.layer_norm1(x), ...)``), safe for autograd. The UNet needs nothing: in
+  every supported host ``BasicTransformerBlock`` adds out of place (tests/test_kernels.py checks both).
 * :func:`add_gradient_checkpointing` wraps the UNet's top-level blocks in ``torch.utils.checkpoint``.
 * :func:`use_fused_attention` / :func:`use_fused_text_attention` route the UNet's / text encoder's attention through
   PyTorch's fused SDPA on CPU, where both hosts otherwise use attention implementations that keep the N x N
@@ -15,7 +16,6 @@ that clone is loaded and is removed by ComfyUI's own unpatching (identical in th
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
 import inspect
 import logging
@@ -53,6 +53,16 @@ def override_forward(patcher, module_path: str, fn) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # In-place residual adds -> out-of-place (autograd needs the pre-add value when a norm saved it).
+#
+# Why a rewrite of the host's source and not another mechanism: in ``CLIPLayer.forward`` (comfy/clip_model.py, the
+# same in v0.3.64 and v0.3.75) ``x += self.self_attn(self.layer_norm1(x), ...)`` overwrites the tensor LayerNorm
+# saved for its backward, so training a token embedding (Textual Inversion) or LoRA on the text encoder fails
+# with "one of the variables needed for gradient computation has been modified by an inplace operation". Cloning
+# the input does not help (the clone is what the norm saves and what ``+=`` overwrites), and writing our own copy of
+# the layer would fork the host's code. The rewrite keeps the host's code and changes only ``x += y`` into
+# ``x = x + y``; it runs once per host function (cached), applies as an object patch on a private clone, and falls
+# back to the host's own method when the source cannot be read. tests/test_kernels.py checks on every supported
+# host that backward through the unpatched layer fails and through the patched one matches finite differences.
 
 class _AugAssignToAssign(ast.NodeTransformer):
     def __init__(self):
@@ -111,44 +121,8 @@ def add_out_of_place_patches(patcher, root_path: str, class_names: tuple, method
     return count
 
 
-def make_unet_differentiable(patcher) -> int:
-    return add_out_of_place_patches(patcher, "diffusion_model", ("BasicTransformerBlock",), ("_forward", "forward"))
-
-
-_MISSING = object()
-
-
-@contextlib.contextmanager
-def unet_differentiable_during(base_model):
-    """For code that differentiates through a model it does not own - the MODEL a stock sampler is running, where
-    no object patch can be added any more - set the out-of-place ``BasicTransformerBlock`` methods as instance
-    attributes for the duration of the ``with`` block (the forward pass; backward needs only the graph it built),
-    then restore what was there. Blocks that carry someone's object patch are left alone."""
-    added = []
-    try:
-        for mod in base_model.diffusion_model.modules():
-            if type(mod).__name__ != "BasicTransformerBlock":
-                continue
-            method = next((m for m in ("_forward", "forward") if m in vars(type(mod))), None)
-            fn = out_of_place_version(getattr(type(mod), method)) if method else None
-            if fn is None:
-                continue
-            existing = vars(mod).get(method, _MISSING)
-            # ModelPatcher's unpatching leaves the class's own method bound to the instance: not a patch.
-            if existing is not _MISSING and getattr(existing, "__func__", None) is not getattr(type(mod), method):
-                continue
-            setattr(mod, method, types.MethodType(fn, mod))
-            added.append((mod, method, existing))
-        yield len(added)
-    finally:
-        for mod, method, existing in added:
-            if existing is _MISSING:
-                delattr(mod, method)
-            else:
-                setattr(mod, method, existing)
-
-
 def make_text_encoder_differentiable(clip_patcher) -> int:
+    """Out-of-place ``CLIPLayer.forward`` on every layer of a CLIP patcher (a clone). Returns the count."""
     return add_out_of_place_patches(clip_patcher, "", ("CLIPLayer",), ("forward",))
 
 

@@ -1,12 +1,10 @@
-"""Thin, feature-detected access to the ComfyUI host.
+"""Thin access to the ComfyUI host (the supported releases: v0.3.64 to v0.3.75 and later).
 
-The pack supports ComfyUI from March 2024 (commit a28a9dc) to the current release. Everything that differs
-between them is resolved here by looking for the feature (``hasattr``/signatures), never by version numbers.
+Whatever differs between supported hosts is resolved here by looking for the feature, never by version numbers;
+today the pack's host calls are the same in all of them.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 
 import torch
@@ -82,49 +80,32 @@ def require_family(node: str, model=None, clip=None, supported=("sd1", "sd2", "s
 
 def model_sampling(model):
     """The model_sampling object a sampler would use (object patches such as ModelSamplingDiscrete included)."""
-    if hasattr(model, "get_model_object"):
-        return model.get_model_object("model_sampling")
-    return model.object_patches.get("model_sampling", model.model.model_sampling)
-
-
-@functools.lru_cache(maxsize=None)
-def _accepts(func, name: str) -> bool:
-    try:
-        return name in inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
+    return model.get_model_object("model_sampling")
 
 
 def load_for_compute(*patchers) -> None:
-    """Load and patch models on the compute device, fully (no low-VRAM partial load) where the host allows."""
-    if _accepts(mm.load_models_gpu, "force_full_load"):
-        mm.load_models_gpu(list(patchers), force_full_load=True)
-    else:
-        mm.load_models_gpu(list(patchers))
+    """Load and patch models on the compute device, fully (no low-VRAM partial load)."""
+    mm.load_models_gpu(list(patchers), force_full_load=True)
 
 
 def release(*patchers) -> None:
-    """Unpatch and forget the given patchers if they are loaded, so no patch of ours outlives the node."""
+    """Unload the given patchers (our private clones) if they are loaded, with the host's own unload call, so no
+    patch of ours outlives the node: ``free_memory`` of everything on their devices except the other loaded
+    models (``keep_loaded``), which unpatches each of ours (``LoadedModel.model_unload``) and drops it from the
+    host's list. Other models stay loaded."""
     ids = {id(p) for p in patchers}
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        entry = mm.current_loaded_models[i]
-        if id(entry.model) in ids:
-            entry.model_unload()
-            mm.current_loaded_models.pop(i)
+    entries = list(mm.current_loaded_models)  # read only: the host's own call below changes the list
+    others = [e for e in entries if id(e.model) not in ids]
+    for device in {e.device for e in entries if id(e.model) in ids}:
+        mm.free_memory(float("inf"), device, keep_loaded=others)
 
 
 def progress_bar(total: int, node_id=None):
-    if node_id is not None and _accepts(comfy.utils.ProgressBar.__init__, "node_id"):
-        return comfy.utils.ProgressBar(total, node_id=node_id)
-    return comfy.utils.ProgressBar(total)
+    return comfy.utils.ProgressBar(total, node_id=node_id)
 
 
 def check_interrupt() -> None:
     mm.throw_exception_if_processing_interrupted()
-
-
-def compute_device() -> torch.device:
-    return mm.get_torch_device()
 
 
 def intermediate_device() -> torch.device:
@@ -148,7 +129,7 @@ def uninference(module: torch.nn.Module) -> int:
     """Replace inference-mode parameters/buffers of ``module`` by normal tensors with the same values.
 
     Loader nodes run under ``torch.inference_mode()``, so a checkpoint's weights are inference tensors and
-    autograd refuses to save them for backward (comfyui-host.md §6.2). Must be called with inference mode
+    autograd refuses to save them for backward. Must be called with inference mode
     off. The module is shared with other nodes; values are unchanged, so this is invisible to them.
     Returns the number of tensors replaced.
     """

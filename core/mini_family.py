@@ -8,7 +8,7 @@ classes, so that every node runs the code path it runs on Stable Diffusion 1.x.
   CLIP text transformer (``MINI_CLIP_CONFIG``), wrapped in ``comfy.sd.CLIP``.
 * VAE: ComfyUI's ``AutoencoderKL`` with a small ``ddconfig`` in ``comfy.sd.VAE``.
 
-The stock checkpoint loader cannot build these (it matches SD1.5's full widths, comfyui-host.md §10), so the pack's
+The stock checkpoint loader cannot build these (it matches SD1.5's full widths, comfy/model_detection.py), so the pack's
 loader node reads the file with :func:`load_checkpoint`. File format (one safetensors file): ``model.diffusion_model.*``
 (UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.*`` (the CLIP object's ``cond_stage_model`` state dict),
 except the 49408-row token-embedding table, stored sparsely as the rows of the tokens the model was trained on
@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -112,25 +111,13 @@ def _sd15_subclass(scale_factor: float):
     return SD15Mini
 
 
-def _clip_config_path() -> str:
-    """A JSON file of :data:`MINI_CLIP_CONFIG` (the 2024 host's ``SDClipModel`` reads a path; newer ones a dict)."""
-    import hashlib
-    text = json.dumps(MINI_CLIP_CONFIG, sort_keys=True)
-    path = Path(tempfile.gettempdir()) / f"personalize_mini_clip_{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-    if not path.exists():
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent processes (torchrun) each write whole
-        tmp.write_text(text)
-        tmp.replace(path)
-    return str(path)
-
-
 def mini_clip_target():
     import comfy.sd1_clip
     import comfy.supported_models_base
     tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=functools.partial(
         comfy.sd1_clip.SDTokenizer, embedding_size=MINI_CLIP_CONFIG["hidden_size"]))
     # SDClipModel named explicitly: newer hosts default SD1ClipModel to a subclass with a fixed config.
-    encoder = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=_clip_config_path())
+    encoder = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=copy.deepcopy(MINI_CLIP_CONFIG))
     clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=encoder)
     return comfy.supported_models_base.ClipTarget(tokenizer, clip)
 
@@ -183,8 +170,7 @@ def _build(state_dict, scale_factor, seed, embedding_directory, vae_cfg):
     import comfy.sd
     config_cls = _sd15_subclass(scale_factor)
     model_config = config_cls(copy.deepcopy(MINI_UNET_CONFIG))
-    if hasattr(model_config, "set_inference_dtype"):
-        model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({}, "model.diffusion_model.")
     vae_sd = {}
     if state_dict is not None:

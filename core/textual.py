@@ -3,7 +3,7 @@
 A placeholder word (one ordinary vocabulary token such as ``sks``) gets its own input-embedding vector in
 every text encoder of the model (CLIP-L for SD1, CLIP-H for SD2, CLIP-L and CLIP-G for SDXL). The vector
 replaces the token's row by patching the token-embedding layer's forward on a CLIP *clone*
-(``torch.where(ids == placeholder, v, E[ids])``), which is differentiable in both hosts (comfyui-host.md §6.4).
+(``torch.where(ids == placeholder, v, E[ids])``), which is differentiable.
 The same vectors saved as an embedding file load with the stock ``embedding:name`` syntax.
 """
 from __future__ import annotations
@@ -169,12 +169,6 @@ class ConditioningRows(torch.nn.Module):
             raise PersonalizeError("ConditioningRows expects [n, d] initial rows.")
         self.anchor = init_rows.detach().float().clone()
         self.rows = torch.nn.Parameter(init_rows.detach().float().clone())
-
-    @classmethod
-    def from_tail(cls, cond: torch.Tensor, n: int) -> "ConditioningRows":
-        if not 0 < n < cond.shape[-2]:
-            raise PersonalizeError(f"n tokens must be between 1 and {cond.shape[-2] - 1}.")
-        return cls(cond[0, -n:])
 
     def apply(self, cond: torch.Tensor) -> torch.Tensor:
         n = self.rows.shape[0]

@@ -3,15 +3,19 @@
 :class:`TrainingSession` owns the host side: private clones of MODEL/CLIP, the patches that make the host's
 graph differentiable, optional gradient checkpointing, loading through ComfyUI's model management, inference
 tensors turned into normal ones, and — whatever happens — unloading the clones so no patch leaks into later
-workflows. :func:`run_loop` owns the optimisation: seeded, a ProgressBar with previews, an interruption check
-every step, NaN detection, optional mixed precision on GPU, and the loss history (a LOSS_MAP).
+workflows. :func:`run_loop` owns the optimisation, as a list of :class:`Phase` objects (parameters, optimiser,
+learning rate, steps, loss function) run one after the other: one ProgressBar with previews over all of them, an
+interruption check every step, the non-finite-loss guard of :func:`optimiser_step`, optional mixed precision on
+GPU, and the loss history (a LOSS_MAP). Methods never drive an optimiser or a progress bar themselves.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -56,6 +60,13 @@ class TuningResult:
         return {"loss": list(self.losses)}
 
 
+def decode_previews(vae, result: TuningResult) -> torch.Tensor:
+    """Decode the preview latents :func:`run_loop` recorded into one IMAGE batch."""
+    latents = torch.cat([lat for _step, lat in result.preview_latents], dim=0)
+    with torch.no_grad():  # a report, not part of any loss (and the VAE's weights may be inference tensors)
+        return vae.decode(latents)
+
+
 class TrainingSession:
     """Context manager preparing private, differentiable clones of MODEL (and CLIP) for training.
 
@@ -79,7 +90,6 @@ class TrainingSession:
         self._stack.enter_context(torch.inference_mode(False))
         self._stack.enter_context(torch.enable_grad())
         self.model = self._src_model.clone()
-        graph_patches.make_unet_differentiable(self.model)
         # CPU only: fused SDPA instead of the hosts' sub-quadratic/basic attention (same maths, far less saved
         # for backward); patches added later on s.model (e.g. attention-map capture) take precedence.
         graph_patches.use_fused_attention(self.model)
@@ -147,63 +157,105 @@ def latent_preview_image(model, latent: torch.Tensor):
     return img.resize((img.width * 8, img.height * 8))
 
 
-def make_optimizer(params: list, cfg: TuningConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer :func:`run_loop` uses: AdamW with the multi-tensor (``foreach``) implementation on CUDA and
-    CPU. A LoRA has a hundred-odd small tensors; the per-tensor loop costs ~10 kernels each per step, the foreach
-    path a handful in all (CPU, 80 rank-4 tensors: 3.5 -> 1.6 ms/step) and updates bit-identically."""
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+def make_optimizer(params: list, config: TuningConfig, device: torch.device,
+                   learning_rate: float | None = None) -> torch.optim.Optimizer:
+    """The default optimiser of a :class:`Phase`: AdamW (``config.learning_rate`` unless ``learning_rate`` is
+    given, ``config.weight_decay``) with the multi-tensor (``foreach``) implementation on CUDA and CPU. A LoRA has a
+    hundred-odd small tensors; the per-tensor loop costs ~10 kernels each per step, the foreach path a handful in
+    all (CPU, 80 rank-4 tensors: 3.5 -> 1.6 ms/step) and updates bit-identically."""
+    lr = config.learning_rate if learning_rate is None else learning_rate
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay,
                              foreach=torch.device(device).type in ("cuda", "cpu"))
 
 
-def train_step(node: str, step: int, step_fn, opt: torch.optim.Optimizer, cfg: TuningConfig,
-               device: torch.device):
-    """One optimisation step of :func:`run_loop`: interruption check, forward under the configured
-    precision, non-finite check, backward, optimizer step. Returns ``(loss value, denoised or None)``."""
-    host.check_interrupt()
-    with _autocast(cfg.mixed_precision, device):
-        loss, denoised = step_fn(step)
+def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, nonfinite_message: Callable[[float], str]) -> float:
+    """The pack's one optimiser step: refuse a non-finite loss (raise :class:`PersonalizeError` with
+    ``nonfinite_message(value)``, before anything is updated), else zero the gradients, backward, step. Returns the
+    loss value. Used by :func:`run_loop` and by the per-sampling-step inner optimisations (null-text inversion,
+    reference guidance)."""
     value = float(loss.detach())
-    if value != value or value in (float("inf"), float("-inf")):
-        raise PersonalizeError(
-            f"{node}: the loss became {value} at step {step + 1}; training stopped and nothing was saved. "
-            f"Lower the learning rate (now {cfg.learning_rate:g}) or use mixed_precision 'no'.")
+    if not math.isfinite(value):
+        raise PersonalizeError(nonfinite_message(value))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    return value
+
+
+def train_step(node: str, step: int, step_fn, opt: torch.optim.Optimizer, config: TuningConfig,
+               device: torch.device, learning_rate: float | None = None):
+    """One step of :func:`run_loop`: interruption check, forward under the configured precision, then
+    :func:`optimiser_step`. Returns ``(loss value, denoised or None)``."""
+    host.check_interrupt()
+    with _autocast(config.mixed_precision, device):
+        loss, denoised = step_fn(step)
+    lr = config.learning_rate if learning_rate is None else learning_rate
+    value = optimiser_step(loss, opt, lambda v: (
+        f"{node}: the loss became {v} at step {step + 1}; training stopped and nothing was saved. "
+        f"Lower the learning rate (now {lr:g}) or use mixed_precision 'no'."))
     return value, denoised
 
 
-def run_loop(node: str, params: list, step_fn, cfg: TuningConfig, *, device: torch.device, node_id=None,
-             preview_model=None) -> TuningResult:
-    """Optimise ``params`` with AdamW for ``cfg.steps`` steps.
+@dataclass
+class Phase:
+    """One stretch of :func:`run_loop`: ``steps`` optimiser steps of ``step_fn(step) -> (loss, denoised or None)``
+    on ``params`` (those with ``requires_grad``), with a fresh optimiser made by ``make_optimizer(params, config,
+    device, learning_rate)`` (default AdamW, :func:`make_optimizer`). ``learning_rate`` None takes the config's.
+    ``label`` names the phase in error messages; ``on_end()`` runs when the phase is done (e.g. a snapshot)."""
+    params: list
+    steps: int
+    step_fn: Callable
+    learning_rate: float | None = None
+    label: str = ""
+    make_optimizer: Callable = make_optimizer
+    on_end: Callable | None = None
 
-    ``step_fn(step) -> (loss, denoised_model_space or None)``. Raises :class:`PersonalizeError` on a non-finite
-    loss and ComfyUI's InterruptProcessingException when the user cancels (checked before every step).
+
+def run_loop(node: str, phases: list, config: TuningConfig, *, device: torch.device, node_id=None,
+             preview_model=None) -> TuningResult:
+    """Run ``phases`` (a list of :class:`Phase`) one after the other; ``step`` counts across all of them.
+
+    One ProgressBar covers every step; with ``preview_model`` the ``denoised`` of every ``config.preview_every``-th
+    step and of the last one is recorded (and shown). Raises :class:`PersonalizeError` on a non-finite loss and
+    ComfyUI's InterruptProcessingException when the user cancels (checked before every step).
     """
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise PersonalizeError(f"{node}: nothing to train.")
-    opt = make_optimizer(params, cfg, device)
-    pbar = host.progress_bar(cfg.steps, node_id)
+    plans = []
+    for phase in phases:
+        params = [p for p in phase.params if p.requires_grad]
+        if not params:
+            raise PersonalizeError(f"{node}: nothing to train.")
+        plans.append((phase, params))
+    total = sum(phase.steps for phase in phases)
+    pbar = host.progress_bar(total, node_id)
     result = TuningResult()
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        value, denoised = train_step(node, step, step_fn, opt, cfg, device)
-        result.losses.append(value)
-        preview = None
-        last = step + 1 == cfg.steps
-        if denoised is not None and (last or (cfg.preview_every and (step + 1) % cfg.preview_every == 0)):
-            latent = preview_model.model.process_latent_out(denoised[:1].detach().float()).cpu()
-            result.preview_latents.append((step + 1, latent))
-            if cfg.preview_every:
-                preview = ("JPEG", latent_preview_image(preview_model, latent), 512)
-        pbar.update_absolute(step + 1, cfg.steps, preview)
+    step = 0
+    for phase, params in plans:
+        opt = phase.make_optimizer(params, config, device, phase.learning_rate)
+        name = f"{node} ({phase.label})" if phase.label else node
+        for _ in range(phase.steps):
+            value, denoised = train_step(name, step, phase.step_fn, opt, config, device, phase.learning_rate)
+            result.losses.append(value)
+            step += 1
+            pbar.update_absolute(step, total, _preview(result, preview_model, denoised, step, total, config))
+        if phase.on_end is not None:
+            phase.on_end()
     result.seconds = time.perf_counter() - t0
     k = max(1, len(result.losses) // 10)
     first, last = sum(result.losses[:k]) / k, sum(result.losses[-k:]) / k
     log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f (mean of first/last %d)",
-             node, cfg.steps, result.seconds, first, last, k)
+             node, total, result.seconds, first, last, k)
     return result
+
+
+def _preview(result: TuningResult, preview_model, denoised, step: int, total: int, config: TuningConfig):
+    """Record the preview latent of this step if it is due; returns the ProgressBar preview (or None)."""
+    due = step == total or (config.preview_every and step % config.preview_every == 0)
+    if preview_model is None or denoised is None or not due:
+        return None
+    latent = preview_model.model.process_latent_out(denoised[:1].detach().float()).cpu()
+    result.preview_latents.append((step, latent))
+    return ("JPEG", latent_preview_image(preview_model, latent), 512) if config.preview_every else None
 
 
 def seeded_generator(seed: int) -> torch.Generator:

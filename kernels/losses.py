@@ -23,7 +23,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
                sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over the masked elements: ``sum(M * (pred - target)^2) / sum(M_broadcast)``.
 
-    HiFi Tuner Eq. 5 (``||M ⊙ (ε_θ - ε)||²``) normalised by the number of masked elements (methods.md §1.10.4).
+    HiFi Tuner Eq. 5 (``||M ⊙ (ε_θ - ε)||²``) normalised by the number of masked elements.
     ``mask`` is ``[B, 1, h, w]`` (broadcast over channels) or ``None`` for the plain mean. Elements outside the
     mask get exactly zero gradient. ``sample_weight`` ``[B]`` scales each sample's terms in the numerator only (a
     per-timestep loss weight such as Min-SNR's), so the weights are not renormalised away.

@@ -43,11 +43,3 @@ def lowrank_forward(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale
     h = F.linear(x, down.to(x.dtype))
     out = F.linear(h, up.to(x.dtype))
     return out if scale == 1.0 else out * scale
-
-
-def lowrank_forward_conv(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float,
-                         stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """Bypass term for a Conv2d layer: ``down`` is a conv with the base kernel geometry, ``up`` a 1x1 conv."""
-    h = F.conv2d(x, down.to(x.dtype), stride=stride, padding=padding, dilation=dilation)
-    out = F.conv2d(h, up.to(x.dtype))
-    return out if scale == 1.0 else out * scale

@@ -1,5 +1,5 @@
 """Mask alignment with a similarity transform, for HiFi Tuner's reference-guided generation (Wang et al. 2023,
-arXiv 2312.00079, §3.3, Eq. 9; methods.md §1.5 step 2).
+arXiv 2312.00079, §3.3, Eq. 9, Algorithm 2 step 2).
 
 ``T_θ = Translate(θ3, θ4)·Rotate(θ2)·Scale(θ1)`` maps the reference mask ``M_r`` onto the generated subject's mask
 ``M_g``; Eq. 9 is ``min_θ ‖T_θ(M_r) − M_g‖₁``. We minimise Eq. 9 itself, with the warp done by kornia's

@@ -15,8 +15,8 @@ from ..core import artifacts, host
 from ..core.deltas import LowRankDeltas, apply_lora, find_text_targets, find_unet_targets
 from ..core.diffusion import DiffusionObjective
 from ..core.host import PersonalizeError
-from ..core.tuning import TrainingSession, TuningConfig, TuningResult, run_loop, seeded_generator
-from .common import encode_subject
+from ..core.tuning import Phase, TrainingSession, TuningConfig, TuningResult, run_loop, seeded_generator
+from .subject_photos import encode_subject
 
 NODE = "Train Subject LoRA"
 LAYER_CHOICES = ["attention", "all_linear"]
@@ -32,11 +32,15 @@ class LoRAResult:
 
 
 def train_lora(model, clip, vae, images: torch.Tensor, *, instance_prompt: str, rank: int, layers: str,
-               train_text_encoder: bool, cfg: TuningConfig, lora_name: str, masks: torch.Tensor | None = None,
-               class_prompt: str = "", class_images: torch.Tensor | None = None, prior_loss_weight: float = 1.0,
-               alpha: float | None = None, overwrite: bool = False, node_id=None) -> LoRAResult:
+               train_text_encoder: bool, config: TuningConfig | None = None, lora_name: str,
+               masks: torch.Tensor | None = None, class_prompt: str = "", class_images: torch.Tensor | None = None,
+               prior_loss_weight: float = 1.0, alpha: float | None = None, overwrite: bool = False, node_id=None,
+               cfg: TuningConfig | None = None) -> LoRAResult:
+    """Train the LoRA; ``config`` holds steps, learning rate, batch size, seed, precision. (``cfg`` is the
+    keyword nodes/training.py passes the config under until it passes ``config``.)"""
+    config = config if config is not None else cfg
     family = host.require_family(NODE, model, clip)
-    cfg.validate(NODE)
+    config.validate(NODE)
     if layers not in LAYER_CHOICES:
         raise PersonalizeError(f"{NODE}: layers must be one of {LAYER_CHOICES}.")
     if not instance_prompt.strip():
@@ -52,10 +56,10 @@ def train_lora(model, clip, vae, images: torch.Tensor, *, instance_prompt: str, 
     artifacts.check_writable(path, overwrite)
     data = encode_subject(NODE, vae, images, masks)
     class_data = encode_subject(NODE, vae, class_images) if use_prior else None
-    gen = seeded_generator(cfg.seed)
+    gen = seeded_generator(config.seed)
 
     with TrainingSession(model, clip, train_text=train_text_encoder,
-                         gradient_checkpointing=cfg.gradient_checkpointing) as s:
+                         gradient_checkpointing=config.gradient_checkpointing) as s:
         unet_deltas = s.adopt(LowRankDeltas(find_unet_targets(s.model, layers), rank, alpha, generator=gen))
         unet_deltas.attach(s.model)
         text_deltas = None
@@ -76,16 +80,17 @@ def train_lora(model, clip, vae, images: torch.Tensor, *, instance_prompt: str, 
 
         def step(_i):
             cond, pooled = conds(instance_prompt)
-            idx, sigma, noise = objective.sample(cfg.batch_size)
+            idx, sigma, noise = objective.sample(config.batch_size)
             loss, denoised = objective.loss(cond, idx, sigma, noise, pooled)
             if prior is not None:
                 ccond, cpooled = conds(class_prompt)
-                cidx, csigma, cnoise = prior.sample(cfg.batch_size)
+                cidx, csigma, cnoise = prior.sample(config.batch_size)
                 loss = loss + prior_loss_weight * prior.loss(ccond, cidx, csigma, cnoise, cpooled)[0]
             return loss, denoised
 
         params = list(unet_deltas.parameters()) + (list(text_deltas.parameters()) if text_deltas else [])
-        result = run_loop(NODE, params, step, cfg, device=s.device, node_id=node_id, preview_model=s.model)
+        result = run_loop(NODE, [Phase(params, config.steps, step)], config, device=s.device, node_id=node_id,
+                          preview_model=s.model)
 
     sd = unet_deltas.kohya_state_dict()
     if text_deltas is not None:
@@ -93,8 +98,8 @@ def train_lora(model, clip, vae, images: torch.Tensor, *, instance_prompt: str, 
     artifacts.save_safetensors(
         sd, path,
         {"method": "dreambooth_lora", "family": family, "rank": rank, "alpha": unet_deltas.alpha, "layers": layers,
-         "train_text_encoder": train_text_encoder, "instance_prompt": instance_prompt, "steps": cfg.steps,
-         "learning_rate": cfg.learning_rate, "final_loss": result.losses[-1],
+         "train_text_encoder": train_text_encoder, "instance_prompt": instance_prompt, "steps": config.steps,
+         "learning_rate": config.learning_rate, "final_loss": result.losses[-1],
          # kohya-style fields other tools read
          "ss_network_dim": str(rank), "ss_network_alpha": str(unet_deltas.alpha), "ss_network_module": "networks.lora"},
         overwrite=overwrite)

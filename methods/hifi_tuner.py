@@ -1,18 +1,18 @@
-"""HiFi Tuner, subject representation learning (Wang et al., arXiv 2312.00079, §3.2; methods.md §1.4).
+"""HiFi Tuner, subject representation learning (Wang et al., arXiv 2312.00079, §3.2).
 
 A subject is ``n`` rows ``c_s ∈ R^{n×d}`` in the *encoded*-prompt space (CONDITIONING), not an input-embedding
 vector: ``[c, c_s]`` is the encoded caption ``c`` with its last ``n`` rows (the padding tail) replaced by ``c_s``.
 
 * Mask guidance, Eq. 5: ``L_s(c_s) = ‖M ⊙ (ε_θ(x_t, t, [c, c_s]) − ε)‖²`` (normalised by the number of masked
-  elements, methods.md §1.10.4; :func:`kernels.losses.masked_mse`).
+  elements; :func:`kernels.losses.masked_mse`).
 * Parameter regularisation, Eq. 6: ``L_s(c_s) + w_s·‖c_s − ϕ_s‖²`` with ``ϕ_s`` the last ``n`` rows of the encoded
-  null prompt ``ϕ = E("")``; ``c_s`` starts at ``ϕ_s``. ``w_s`` is not given by the paper (UNCONFIRMED, methods.md §1.10.3);
+  null prompt ``ϕ = E("")``; ``c_s`` starts at ``ϕ_s``. ``w_s`` is not given by the paper (UNCONFIRMED);
   default 5e-3 on the mean squared distance, from a sweep on the mini world (README: the smallest weight whose scene
   fidelity matched the plain text prompt's; 1e-2 lost subject, 0 lost scene).
-* Global phase: ``t ~ U{0..999}`` (§1.10.5), Adam, lr 5e-3, 1000 steps.
+* Global phase: ``t ~ U{0..999}``, Adam, lr 5e-3, 1000 steps.
 * Step-wise representations, Algorithm 1: walk the timesteps ``τ`` of a ``T``-step DDIM schedule from high to low
   noise; ``c_s^τ`` starts from the previous one and is optimised ``I`` steps at ``t = τ`` only, with a fresh Adam
-  each (§1.10.6). Generation uses ``[c, c_s^t]`` at step ``t`` (Eq. 7).
+  each. Generation uses ``[c, c_s^t]`` at step ``t`` (Eq. 7).
 
 The DDIM timesteps are diffusers' "leading" spacing with offset 1, ``τ_k = k·⌊1000/T⌋ + 1`` (``981, 961, …, 1`` for
 T = 50) — the sigmas ComfyUI's ``ddim_uniform`` scheduler visits. Each is stored as a timestep, a sigma and a
@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from ..core import artifacts, host
 from ..core.diffusion import DiffusionObjective
 from ..core.host import FAMILY_NAMES, PersonalizeError
 from ..core.textual import ConditioningRows, encoder_keys
-from ..core.tuning import TuningConfig, TuningResult, TrainingSession, make_optimizer, seeded_generator, train_step
-from .common import encode_subject
+from ..core.tuning import Phase, TrainingSession, TuningConfig, TuningResult, run_loop, seeded_generator
+from .subject_photos import encode_subject
 
 log = logging.getLogger("comfyui_personalize")
 
@@ -251,27 +250,30 @@ REG_WEIGHT = 5e-3
 
 
 def learn_subject(model, clip, vae, images: torch.Tensor, masks: torch.Tensor | None, caption: str, *,
-                  n_tokens: int = 5, global_steps: int = 1000, steps_per_step: int = 10, sampling_steps: int = 50,
-                  lr: float = 5e-3, reg_weight: float = REG_WEIGHT, use_mask: bool = True, use_reg: bool = True,
-                  use_stepwise: bool = True, seed: int = 0, batch_size: int = 1, gradient_checkpointing: bool = False,
-                  mixed_precision: str = "auto", save_as: str | None = None, overwrite: bool = False,
-                  node_id=None) -> HiFiSubject:
+                  n_tokens: int = 5, global_steps: int = 1000, steps_per_timestep: int = 10,
+                  sampling_steps: int = 50, lr: float = 5e-3, reg_weight: float = REG_WEIGHT, use_mask: bool = True,
+                  use_reg: bool = True, use_stepwise: bool = True, seed: int = 0, batch_size: int = 1,
+                  gradient_checkpointing: bool = False, mixed_precision: str = "auto", save_as: str | None = None,
+                  overwrite: bool = False, node_id=None, steps_per_step: int | None = None) -> HiFiSubject:
     """Learn a HiFi Tuner subject representation (§3.2, Algorithm 1) on a frozen MODEL and text encoder.
 
     Phase 1 optimises ``c_s`` for ``global_steps`` with ``t ~ U{0..999}``; phase 2 (``use_stepwise``) walks the
-    ``sampling_steps`` DDIM timesteps from high to low noise and optimises ``c_s^τ`` for ``steps_per_step`` steps at
-    ``t = τ`` with a fresh Adam, starting from the previous row set. ``use_mask`` / ``use_reg`` switch Eq. 5's mask
-    and Eq. 6's regulariser off (the paper's ablation). One ProgressBar covers both phases; interruption and
-    non-finite losses are checked every step. ``save_as`` names a file in ``personalize_subjects``; every check
-    (family, settings, masks, caption length, existing file) happens before any work.
+    ``sampling_steps`` DDIM timesteps from high to low noise and optimises ``c_s^τ`` for ``steps_per_timestep``
+    steps at ``t = τ`` with a fresh Adam, starting from the previous row set. ``use_mask`` / ``use_reg`` switch
+    Eq. 5's mask and Eq. 6's regulariser off (the paper's ablation). The phases run on :func:`core.tuning.run_loop`
+    (one ProgressBar, interruption and non-finite losses checked every step). ``save_as`` names a file in
+    ``personalize_subjects``; every check (family, settings, masks, caption length, existing file) happens before
+    any work. (``steps_per_step`` is the node input's name for ``steps_per_timestep``, accepted as a keyword.)
     """
+    if steps_per_step is not None:
+        steps_per_timestep = steps_per_step
     family = host.require_family(NODE, model, clip, supported=SUPPORTED)
-    cfg = TuningConfig(steps=max(1, global_steps), learning_rate=lr, batch_size=batch_size, seed=seed,
-                       gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision)
-    cfg.validate(NODE)
+    config = TuningConfig(steps=max(1, global_steps), learning_rate=lr, batch_size=batch_size, seed=seed,
+                          gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision)
+    config.validate(NODE)
     if global_steps < 1:
         raise PersonalizeError(f"{NODE}: global_steps must be at least 1 (the paper uses 1000).")
-    if use_stepwise and steps_per_step < 1:
+    if use_stepwise and steps_per_timestep < 1:
         raise PersonalizeError(f"{NODE}: steps_per_step must be at least 1 (the paper uses 10), or turn use_stepwise off.")
     if reg_weight < 0:
         raise PersonalizeError(f"{NODE}: reg_weight must not be negative.")
@@ -294,9 +296,6 @@ def learn_subject(model, clip, vae, images: torch.Tensor, masks: torch.Tensor | 
     data = encode_subject(NODE, vae, images, masks if use_mask else None)
     reg = reg_weight if use_reg else 0.0
 
-    total = global_steps + len(timesteps) * steps_per_step
-    result = TuningResult()
-    t0 = time.perf_counter()
     with TrainingSession(model, clip, gradient_checkpointing=gradient_checkpointing) as s:
         cond, pooled = host.encode_text(s.clip, caption)       # frozen text encoder: encoded once, before the
         null, _ = host.encode_text(s.clip, "")                  # UNet is loaded (so loading CLIP cannot evict it)
@@ -306,39 +305,26 @@ def learn_subject(model, clip, vae, images: torch.Tensor, masks: torch.Tensor | 
         null_tail = null[0, -n_tokens:].detach().clone().float()
         rows = s.adopt(ConditioningRows(null_tail))             # c_s ← ϕ_s
         rows.anchor = rows.anchor.to(s.device)
-        gen = seeded_generator(seed)
-        objective = DiffusionObjective(s.model, data.latents, data.latent_masks, gen)
-        pbar = host.progress_bar(total, node_id)
-        done = 0
+        objective = DiffusionObjective(s.model, data.latents, data.latent_masks, seeded_generator(seed))
+        trained = []
 
-        def phase(steps: int, t: int | None, label: str) -> None:
-            nonlocal done
-            opt = make_optimizer([rows.rows], cfg, s.device)    # fresh Adam per phase (§1.10.6)
-            for _ in range(steps):
-                value, _d = train_step(
-                    f"{NODE} ({label})", done, lambda _i: masked_eps_loss(objective, rows, cond, pooled, batch_size,
-                                                                           t, use_mask, reg), opt, cfg, s.device)
-                result.losses.append(value)
-                done += 1
-                pbar.update_absolute(done, total)
+        def phase(steps: int, t: int | None, label: str) -> Phase:
+            # a fresh Adam per phase; the rows are snapshotted when the phase ends
+            return Phase([rows.rows], steps, lambda _i: masked_eps_loss(objective, rows, cond, pooled, batch_size,
+                                                                         t, use_mask, reg),
+                         label=label, on_end=lambda: trained.append(rows.rows.detach().clone()))
 
-        phase(global_steps, None, "global")
-        trained = [rows.rows.detach().clone()]
-        for tau in timesteps:                                   # Algorithm 1: c_s^τ initialised from c_s^{τ+1}
-            phase(steps_per_step, tau, f"t={tau}")
-            trained.append(rows.rows.detach().clone())
+        # Algorithm 1: the global rows, then c_s^τ initialised from c_s^{τ+1}, high noise first
+        phases = [phase(global_steps, None, "global")] + [phase(steps_per_timestep, tau, f"t={tau}")
+                                                          for tau in timesteps]
+        result = run_loop(NODE, phases, config, device=s.device, node_id=node_id)
         sigmas = objective.sigmas[timesteps].clone() if timesteps else torch.zeros(0)
-    result.seconds = time.perf_counter() - t0
-    k = max(1, global_steps // 10)
-    log.info("%s: %d steps (%d global + %d step-wise x %d) in %.1f s; global loss %.4f -> %.4f (mean of %d)",
-             NODE, total, global_steps, len(timesteps), steps_per_step, result.seconds,
-             sum(result.losses[:k]) / k, sum(result.losses[global_steps - k:global_steps]) / k, k)
 
     subject = HiFiSubject(
         rows=torch.stack(trained).float().cpu(), timesteps=list(timesteps), sigmas=sigmas.float().cpu(),
         percents=[timestep_to_percent(t, len(objective.sigmas)) for t in timesteps],
         null_tail=null_tail.cpu(), family=family, caption=caption,
-        metadata={"global_steps": global_steps, "steps_per_step": steps_per_step if use_stepwise else 0,
+        metadata={"global_steps": global_steps, "steps_per_step": steps_per_timestep if use_stepwise else 0,
                   "sampling_steps": sampling_steps if use_stepwise else 0, "learning_rate": lr,
                   "reg_weight": reg_weight, "use_mask": use_mask, "use_reg": use_reg, "use_stepwise": use_stepwise,
                   "seed": seed, "batch_size": batch_size, "final_loss": result.losses[-1],
@@ -354,7 +340,7 @@ def learn_subject(model, clip, vae, images: torch.Tensor, masks: torch.Tensor | 
 
 
 def with_tail(cond: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``[c, c_s]``: ``cond [B, L, d]`` with its last ``n`` rows replaced by ``rows [n, d]`` (§1.4)."""
+    """``[c, c_s]``: ``cond [B, L, d]`` with its last ``n`` rows replaced by ``rows [n, d]`` (§3.2)."""
     n = rows.shape[0]
     tail = rows.to(device=cond.device, dtype=cond.dtype).unsqueeze(0).expand(cond.shape[0], -1, -1)
     return torch.cat([cond[:, :-n], tail], dim=1)

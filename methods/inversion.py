@@ -1,8 +1,8 @@
-"""Image inversion for HiFi Tuner (Wang et al. 2023, arXiv 2312.00079, §1.6 / Algorithm 3; methods.md §1.3, §1.6):
-deterministic DDIM inversion (paper Eq. 3) and null-text optimisation (paper Eq. 4, after Mokady et al. 2023,
-"Null-text Inversion"), written in ComfyUI's σ-space.
+"""Image inversion for HiFi Tuner (Wang et al. 2023, arXiv 2312.00079, §3.4 / Algorithm 3): deterministic DDIM
+inversion (paper Eq. 3) and null-text optimisation (paper Eq. 4, after Mokady et al. 2023, "Null-text
+Inversion"), written in ComfyUI's σ-space on the sampling core (core/sampling.py).
 
-Conventions (methods.md §0.2–0.3). The sampler state is ``x = x0 + σ·ε`` (model space, after
+Conventions (core/sampling.py). The sampler state is ``x = x0 + σ·ε`` (model space, after
 ``process_latent_in``); a MODEL gives the denoised estimate ``D(x, σ)`` through ``BaseModel.apply_model`` and
 ``ε̂ = (x − D(x, σ))/σ`` for every parametrisation (ε or v: the host's ``model_sampling`` converts), so SD2's
 v-prediction needs nothing special. With ``ᾱ = 1/(1+σ²)`` the VP state of the paper is ``x_t = x/√(1+σ²)``, and
@@ -22,17 +22,16 @@ v-prediction needs nothing special. With ``ᾱ = 1/(1+σ²)`` the VP state of th
   ``ϕ_t = argmin ‖x*_{t−1} − F^(t)(x_t, c, ϕ_t)‖²`` (VP units), initialised from ``ϕ_{t+1}``. The
   conditional branch does not depend on ϕ and is evaluated once per step (:func:`null_text_optimise`).
 
-The replay sampler (:func:`sample_inverted`, wrapped as ``comfy.samplers.KSAMPLER``) is the same DDIM/Euler step;
-it puts ``ϕ_t`` into the unconditional branch through the per-call ``model_options`` every KSAMPLER sampler
-function receives in ``extra_args`` and hands back to ``model(x, σ, **extra_args)``: a ``model_function_wrapper``
-that swaps the ``c_crossattn`` of the batch chunks that ``cond_or_uncond`` marks as negative (1), chaining any
-wrapper the MODEL already has. Why this mechanism (comfyui-host.md §2.4, §3.2–3.3): the conds themselves are
-reachable from a sampler only in the 2024 host (``extra_args["uncond"]``); in 2025 they live in the guider. Both
-hosts pass ``extra_args["model_options"]`` through ``KSamplerX0Inpaint`` → CFG → ``calc_cond_batch``, which calls
+The replay sampler (:func:`sample_inverted`, a stock ``comfy.samplers.KSAMPLER`` through
+:func:`core.sampling.sampler_from_function`) is the same DDIM/Euler step; it puts ``ϕ_t`` into the unconditional
+branch through the per-call ``model_options`` every KSAMPLER sampler function receives in ``extra_args`` and hands
+back to ``model(x, σ, **extra_args)``: a ``model_function_wrapper`` that swaps the ``c_crossattn`` of the batch
+chunks that ``cond_or_uncond`` marks as negative (1), chaining any wrapper the MODEL already has. The conds
+themselves live in the guider, out of a sampler's reach; ``extra_args["model_options"]`` goes through
+``KSamplerX0Inpaint`` → CFG → ``calc_cond_batch`` (comfy/samplers.py), which calls
 ``model_function_wrapper(apply_model, {"input", "timestep", "c", "cond_or_uncond"})`` with the batched cond and
-uncond chunks — identical in both. Doing it in the sampler keys ϕ by the step index (no matching of σ values) and
-needs no patch on the MODEL, so the SAMPLER output alone carries the inversion, and it works with SamplerCustom
-(both hosts) and SamplerCustomAdvanced + CFGGuider (2025).
+uncond chunks. Doing it in the sampler keys ϕ by the step index (no matching of σ values) and needs no patch on the
+MODEL, so the SAMPLER output alone carries the inversion, with SamplerCustom and SamplerCustomAdvanced + CFGGuider.
 """
 from __future__ import annotations
 
@@ -45,81 +44,23 @@ import torch
 
 from ..core import host
 from ..core.host import PersonalizeError
-from ..core.tuning import TrainingSession
+from ..core.sampling import (UNCOND, InterruptibleProgress, ModelPrediction, check_same_schedule, check_sigmas,
+                             check_single_conditioning, ddim_step, denoise, guided_denoised, report_step,
+                             sampler_from_function, sigma_batch, sigma_list, with_model_function_wrapper)
+from ..core.tuning import TrainingSession, optimiser_step
 
 log = logging.getLogger("comfyui_personalize")
 
 NODE = "Invert Image"
 
-COND, UNCOND = 0, 1  # the host's cond_or_uncond tags (comfy/samplers.py: 0 = positive, 1 = negative)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# The maths on any denoiser ``model(x, sigma[B], context, uncond=False) -> D(x, σ)`` (model space).
-
-class _Progress:
-    """Interruption checks (always) and a ComfyUI ProgressBar over ``total`` outer steps (when given)."""
-
-    def __init__(self, total: int | None = None, node_id=None):
-        self.total = total
-        self.done = 0
-        self.pbar = host.progress_bar(total, node_id) if total else None
-
-    def check(self) -> None:
-        host.check_interrupt()
-
-    def tick(self) -> None:
-        self.done += 1
-        if self.pbar is not None:
-            self.pbar.update_absolute(min(self.done, self.total), self.total)
-
-
-class _Step:
-    """Progress adapter: one ``tick`` of the inversion counts ``per`` model evaluations."""
-
-    def __init__(self, progress: _Progress, per: int):
-        self.progress, self.per = progress, per
-
-    def check(self) -> None:
-        self.progress.check()
-
-    def tick(self) -> None:
-        for _ in range(self.per):
-            self.progress.tick()
-
-
-def _sigma_list(sigmas) -> list[float]:
-    return [float(s) for s in (sigmas.tolist() if torch.is_tensor(sigmas) else sigmas)]
-
-
-def _sigma_batch(sigma: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
-
-
-def ddim_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    """One deterministic DDIM step (paper Eq. 1, η = 0) in σ-space: ``x' = x + (σ' − σ)·(x − D)/σ``.
-
-    methods.md §0.3: for ε-prediction this *is* DDIM, ``x'_VP = √ᾱ' x̂0 + √(1−ᾱ')·ε̂`` rewritten with
-    ``x_VP = x/√(1+σ²)``; it is also k-diffusion's Euler step, so ``σ' = 0`` returns ``D``.
-    """
-    return x + (sigma_next - sigma) * (x - denoised) / sigma
-
-
-def guided_denoised(model, x: torch.Tensor, sigma: float, cond: torch.Tensor, uncond: torch.Tensor | None,
-                    cfg: float, cond_denoised: torch.Tensor | None = None) -> torch.Tensor:
-    """CFG in denoised form, ``D̃ = D_∅ + w(D_c − D_∅)`` (paper Eq. 1's ``ε̃`` since ε̂ is affine in D).
-    ``uncond=None`` or ``w = 1`` evaluates the conditional branch only. ``cond_denoised`` reuses a cached D_c."""
-    s = _sigma_batch(sigma, x)
-    d_c = cond_denoised if cond_denoised is not None else model(x, s, cond)
-    if uncond is None or cfg == 1.0:
-        return d_c
-    d_u = model(x, s, uncond, uncond=True)
-    return d_u + cfg * (d_c - d_u)
+# The maths on any denoiser ``model(x, sigma[B], context, uncond=False) -> D(x, σ)`` (model space; the protocol of
+# core.sampling.ModelPrediction).
 
 
 def ddim_invert(model, latent: torch.Tensor, cond: torch.Tensor, sigmas, cfg: float = 1.0,
                 uncond: torch.Tensor | None = None, *, fixed_point_iterations: int = 0,
-                progress: _Progress | None = None) -> torch.Tensor:
+                progress: InterruptibleProgress | None = None) -> torch.Tensor:
     """DDIM inversion (paper Eq. 3): the trajectory ``[x*_0 … x*_T]`` of ``latent`` along ``sigmas``.
 
     ``latent``: model-space state at ``sigmas[-1]`` (normally 0: the clean latent); ``sigmas``: the *sampling*
@@ -131,23 +72,25 @@ def ddim_invert(model, latent: torch.Tensor, cond: torch.Tensor, sigmas, cfg: fl
     approximation, i.e. the σ-space input ``g = x_a·√(1+σ_b²)/√(1+σ_a²)``), and
     ``x_b = x_a + (σ_b − σ_a)·ε̃(g, σ_b)``. Each of ``fixed_point_iterations`` then re-evaluates
     ``x_b ← x_a + (σ_b − σ_a)·ε̃(x_b, σ_b)``, converging to the exact inverse of :func:`ddim_step`.
+    ``progress`` advances by one per model evaluation.
     """
-    sig = _sigma_list(sigmas)
+    sig = sigma_list(sigmas)
     asc = sig[::-1]
-    progress = progress or _Progress()
+    progress = progress or InterruptibleProgress()
+    evaluations = 1 + max(0, int(fixed_point_iterations))
     x = latent
     traj = [x]
     with torch.no_grad():
         for k in range(len(asc) - 1):
             a, b = asc[k], asc[k + 1]
             guess = x * math.sqrt((1.0 + b * b) / (1.0 + a * a))
-            for _ in range(1 + max(0, int(fixed_point_iterations))):
+            for _ in range(evaluations):
                 progress.check()
                 d = guided_denoised(model, guess, b, cond, uncond, cfg)
                 guess = x + (b - a) * (guess - d) / b
             x = guess
             traj.append(x)
-            progress.tick()
+            progress.advance(evaluations)
     return torch.stack(traj)
 
 
@@ -157,7 +100,7 @@ def ddim_sample(model, x: torch.Tensor, cond: torch.Tensor, uncond, sigmas, cfg:
     ``uncond``: one unconditional context for every step, or a list with one per step (null-text embeddings).
     The reference the replay sampler (:func:`sample_inverted`) implements inside ComfyUI's sampling.
     """
-    sig = _sigma_list(sigmas)
+    sig = sigma_list(sigmas)
     with torch.no_grad():
         for i in range(len(sig) - 1):
             u = uncond[i] if isinstance(uncond, (list, tuple)) else uncond
@@ -177,7 +120,7 @@ class NullTextResult:
 
 def null_text_optimise(model, trajectory: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sigmas,
                        cfg: float, inner_steps: int = 10, lr: float = 1e-2, early_stop: float = 1e-5, *,
-                       progress: _Progress | None = None) -> NullTextResult:
+                       progress: InterruptibleProgress | None = None) -> NullTextResult:
     """Null-text optimisation (paper Eq. 4): per sampling step ``i`` (σ_i → σ_{i+1}) the unconditional embedding
     ``ϕ_i = argmin_ϕ ‖x*_{i+1} − F(x_i, c, ϕ)‖² / (1+σ_{i+1}²)`` where ``F`` is the CFG DDIM step
     (:func:`ddim_step` of :func:`guided_denoised`) and ``x_i`` the state the previous optimised steps reached
@@ -189,11 +132,11 @@ def null_text_optimise(model, trajectory: torch.Tensor, cond: torch.Tensor, unco
     ``inner_steps`` updates, stop once the loss is below ``early_stop·(1 + 100·i/N)``; ϕ_i starts from ϕ_{i−1}
     (from ``uncond`` at i = 0). The conditional prediction ``D_c(x_i, σ_i)`` is computed once per step.
     """
-    sig = _sigma_list(sigmas)
+    sig = sigma_list(sigmas)
     n = len(sig) - 1
     if trajectory.shape[0] != n + 1:
         raise ValueError(f"trajectory has {trajectory.shape[0]} states for {n} steps")
-    progress = progress or _Progress()
+    progress = progress or InterruptibleProgress()
     x = trajectory[n].detach()
     phi = uncond.detach()
     if phi.shape[0] != x.shape[0]:
@@ -204,7 +147,7 @@ def null_text_optimise(model, trajectory: torch.Tensor, cond: torch.Tensor, unco
         s, s_next = sig[i], sig[i + 1]
         target = trajectory[n - 1 - i].detach()
         scale = 1.0 / (1.0 + s_next * s_next)
-        sb = _sigma_batch(s, x)
+        sb = sigma_batch(s, x)
         progress.check()
         with torch.no_grad():
             d_c = model(x, sb, cond)  # cached: the conditional branch does not depend on ϕ
@@ -216,15 +159,9 @@ def null_text_optimise(model, trajectory: torch.Tensor, cond: torch.Tensor, unco
             progress.check()
             x_prev = ddim_step(x, guided_denoised(model, x, s, cond, phi, cfg, cond_denoised=d_c), s, s_next)
             loss = (x_prev - target).pow(2).mean() * scale
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss_value = optimiser_step(loss, opt, lambda v: (
+                f"{NODE}: the null-text loss became {v} at step {i + 1}; lower the learning rate (now {lr:g})."))
             ran += 1
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise PersonalizeError(
-                    f"{NODE}: the null-text loss became {loss_value} at step {i + 1}; lower the learning rate "
-                    f"(now {lr:g}).")
             if loss_value < threshold:
                 break
         phi = phi.detach()
@@ -235,61 +172,9 @@ def null_text_optimise(model, trajectory: torch.Tensor, cond: torch.Tensor, unco
         result.residuals.append(float((x - target).pow(2).mean()) * scale)
         result.inner_steps_run.append(ran)
         result.states.append(x)
-        progress.tick()
+        progress.advance()
     result.final = x
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------
-# A ComfyUI MODEL as a denoiser.
-
-class ModelDenoiser:
-    """``D(x, σ; context)`` of a loaded ComfyUI MODEL (ModelPatcher), as the sampler would compute it.
-
-    Calls ``BaseModel.apply_model`` with the MODEL's ``transformer_options`` (so attention patches apply) and,
-    when the MODEL has one, through its ``model_function_wrapper`` with ``cond_or_uncond`` set to the branch.
-    Extra model inputs (SDXL's ``y``) come from the model's own ``extra_conds`` with each CONDITIONING entry's
-    options, computed once; the cross-attention context is the ``context`` argument (ϕ may require grad).
-    """
-
-    def __init__(self, patcher, positive: list, negative: list, x: torch.Tensor):
-        self.patcher = patcher
-        self.base = patcher.model
-        self.device = patcher.load_device
-        opts = patcher.model_options
-        self.transformer_options = dict(opts.get("transformer_options", {}))
-        self.wrapper = opts.get("model_function_wrapper")
-        self.extras = {COND: self._extras(positive, x, "positive"), UNCOND: self._extras(negative, x, "negative")}
-
-    def _extras(self, conditioning: list, x: torch.Tensor, prompt_type: str) -> dict:
-        context, options = conditioning[0][0], conditioning[0][1]
-        params = dict(options)
-        params.update(cross_attn=context, device=self.device, noise=x, latent_image=x, denoise_mask=None,
-                      width=params.get("width", x.shape[-1] * 8), height=params.get("height", x.shape[-2] * 8),
-                      prompt_type=params.get("prompt_type", prompt_type))
-        out = {}
-        for key, value in self.base.extra_conds(**params).items():
-            if key == "c_crossattn":
-                continue
-            if key == "c_concat":
-                raise PersonalizeError(
-                    f"{NODE}: this MODEL takes extra image channels (an inpainting or instruct model); inversion "
-                    "supports plain text-to-image checkpoints only.")
-            out[key] = value.process_cond(batch_size=x.shape[0], device=self.device, area=None).cond.to(self.device)
-        return out
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, uncond: bool = False):
-        branch = UNCOND if uncond else COND
-        if context.shape[0] != x.shape[0]:
-            context = context.expand(x.shape[0], *context.shape[1:])
-        to = dict(self.transformer_options)
-        to["cond_or_uncond"] = [branch]
-        to["sigmas"] = sigma
-        c = {"c_crossattn": context.to(self.device), "transformer_options": to, **self.extras[branch]}
-        if self.wrapper is not None:
-            return self.wrapper(self.base.apply_model,
-                                {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [branch]})
-        return self.base.apply_model(x, sigma, **c)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,40 +199,19 @@ class Inversion:
 
     def check_replay(self, sigmas: torch.Tensor, x: torch.Tensor) -> None:
         """The replay sampler needs the schedule and batch the embeddings were made for."""
-        mine = self.sigmas.double().cpu()
-        theirs = sigmas.detach().double().cpu()
-        if theirs.shape != mine.shape or not torch.allclose(theirs, mine, rtol=1e-4, atol=1e-6):
-            raise PersonalizeError(
-                f"{NODE}: the sampler replays null-text embeddings made for {self.steps} steps on sigmas "
-                f"{_fmt(mine)}, but SamplerCustom got {theirs.shape[0] - 1} steps on {_fmt(theirs)}. Connect the "
-                "same SIGMAS to both nodes.")
+        check_same_schedule(NODE, self.sigmas, sigmas, "the null-text embeddings were made for")
         batch = self.trajectory.shape[1]
         if x.shape[0] != batch:
             raise PersonalizeError(f"{NODE}: the inversion is of {batch} latent(s) but the sampler got a batch of "
                                    f"{x.shape[0]}. Sample the node's own LATENT output.")
 
 
-def _fmt(s: torch.Tensor) -> str:
-    vals = [f"{float(v):.4g}" for v in s]
-    return "[" + ", ".join(vals if len(vals) <= 6 else vals[:3] + ["…"] + vals[-2:]) + "]"
-
-
-def _single(conditioning, what: str) -> list:
-    if not isinstance(conditioning, list) or not conditioning:
-        raise PersonalizeError(f"{NODE}: the {what} CONDITIONING is empty. Connect a CLIP Text Encode output.")
-    if len(conditioning) != 1:
-        raise PersonalizeError(
-            f"{NODE}: the {what} CONDITIONING holds {len(conditioning)} entries (combined or area prompts); "
-            "inversion needs exactly one prompt. Connect a single CLIP Text Encode output.")
-    return conditioning
-
-
 def check_inputs(model, positive, negative, latent, sigmas, cfg: float, null_text_steps: int,
                  learning_rate: float, fixed_point_iterations: int = 0) -> None:
     """Every user-facing check, before any model work (raises :class:`PersonalizeError`)."""
     host.require_family(NODE, model)
-    _single(positive, "positive")
-    _single(negative, "negative")
+    check_single_conditioning(NODE, positive, "positive")
+    check_single_conditioning(NODE, negative, "negative")
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if samples is None or samples.ndim != 4 or samples.numel() == 0:
         shape = tuple(samples.shape) if samples is not None else None
@@ -358,16 +222,7 @@ def check_inputs(model, positive, negative, latent, sigmas, cfg: float, null_tex
     if not bool(samples.abs().amax() > 0):
         raise PersonalizeError(f"{NODE}: the LATENT is all zeros (an Empty Latent Image?). Connect VAE Encode of "
                                "the image to invert.")
-    if not torch.is_tensor(sigmas) or sigmas.ndim != 1 or sigmas.shape[0] < 2:
-        raise PersonalizeError(f"{NODE}: SIGMAS must be a schedule of at least 2 values (one step), e.g. from "
-                               "BasicScheduler.")
-    s = sigmas.detach().double().cpu()
-    if not torch.isfinite(s).all() or bool(s[-1] < 0):
-        raise PersonalizeError(f"{NODE}: SIGMAS must be finite and non-negative; got {_fmt(s)}.")
-    if not bool((s[1:] < s[:-1]).all()):
-        raise PersonalizeError(
-            f"{NODE}: SIGMAS must be strictly descending (a sampling schedule such as BasicScheduler's); got "
-            f"{_fmt(s)}. Do not connect Flip Sigmas: this node walks the schedule upwards itself.")
+    check_sigmas(NODE, sigmas, "Do not connect Flip Sigmas: this node walks the schedule upwards itself.")
     if not math.isfinite(cfg):
         raise PersonalizeError(f"{NODE}: cfg must be a finite number.")
     if null_text_steps < 0 or fixed_point_iterations < 0:
@@ -389,10 +244,9 @@ def invert_image(model, positive: list, negative: list, latent: dict, sigmas: to
     (TrainingSession: differentiable UNet, released afterwards)."""
     check_inputs(model, positive, negative, latent, sigmas, cfg, null_text_steps, learning_rate,
                  fixed_point_iterations)
-    positive, negative = _single(positive, "positive"), _single(negative, "negative")
     n = sigmas.shape[0] - 1
     total = n * (1 + fixed_point_iterations) + (n if null_text_steps > 0 else 0)
-    progress = _Progress(total, node_id)
+    progress = InterruptibleProgress(total, node_id)
     t0 = time.perf_counter()
     with TrainingSession(model) as s:
         s.load()
@@ -400,10 +254,10 @@ def invert_image(model, positive: list, negative: list, latent: dict, sigmas: to
         x0 = s.model.model.process_latent_in(latent["samples"].float().clone()).to(device)
         pos = [[positive[0][0].detach().clone().float().to(device), positive[0][1]]]
         neg = [[negative[0][0].detach().clone().float().to(device), negative[0][1]]]
-        denoiser = ModelDenoiser(s.model, pos, neg, x0)
+        denoiser = ModelPrediction.for_conditioning(s.model, pos, neg, x0, NODE)
         sig = sigmas.detach().double().cpu()
         traj = ddim_invert(denoiser, x0, pos[0][0], sig, fixed_point_iterations=fixed_point_iterations,
-                           progress=_Step(progress, 1 + fixed_point_iterations))
+                           progress=progress)
         result = None
         if null_text_steps > 0:
             result = null_text_optimise(denoiser, traj, pos[0][0], neg[0][0], sig, cfg, inner_steps=null_text_steps,
@@ -489,23 +343,16 @@ def sample_inverted(model, x, sigmas, extra_args=None, callback=None, disable=No
     embeddings = inversion.null_embeddings if inversion is not None else None
     if embeddings is not None:
         inversion.check_replay(sigmas, x)
-    options = extra_args.get("model_options", {})
-    s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         args = extra_args
         if embeddings is not None:
-            step_options = dict(options)
-            step_options["model_function_wrapper"] = uncond_swap_wrapper(embeddings[i],
-                                                                         options.get("model_function_wrapper"))
-            args = dict(extra_args, model_options=step_options)
-        denoised = model(x, sigmas[i] * s_in, **args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+            args = with_model_function_wrapper(extra_args, lambda inner: uncond_swap_wrapper(embeddings[i], inner))
+        denoised = denoise(model, x, sigmas[i], args)
+        report_step(callback, x, i, sigmas[i], denoised)
         x = ddim_step(x, denoised, sigmas[i], sigmas[i + 1])
     return x
 
 
 def replay_sampler(inv: Inversion | None):
-    """A SAMPLER (``comfy.samplers.KSAMPLER``) for SamplerCustom / SamplerCustomAdvanced that replays ``inv``."""
-    import comfy.samplers
-    return comfy.samplers.KSAMPLER(sample_inverted, extra_options={"inversion": inv})
+    """A SAMPLER for SamplerCustom / SamplerCustomAdvanced that replays ``inv``."""
+    return sampler_from_function(sample_inverted, inversion=inv)

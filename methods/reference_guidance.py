@@ -1,7 +1,7 @@
-"""HiFi Tuner reference-guided generation (Wang et al. 2023, arXiv 2312.00079, §3.3, Algorithm 2; methods.md §1.5),
-as a ComfyUI SAMPLER.
+"""HiFi Tuner reference-guided generation (Wang et al. 2023, arXiv 2312.00079, §3.3, Algorithm 2), as a ComfyUI
+SAMPLER.
 
-The maths, in the σ-space of methods/inversion.py (paper step ``t`` counts down from ``T = N`` sampling steps;
+The maths, in the σ-space of core/sampling.py (paper step ``t`` counts down from ``T = N`` sampling steps;
 sampler step ``i = N − t`` goes σ_i → σ_{i+1}):
 
 * at ``t = t_s`` paste the aligned reference's inverted latent into the subject region: ``x ← (1−M)·x + M·x*_t``;
@@ -19,13 +19,12 @@ costs one forward and backward of the unconditional branch only, never the condi
 
 Inside ComfyUI the unconditional branch is reached through the per-call ``model_options`` of the sampler's
 ``extra_args``: a ``model_function_wrapper`` (:class:`UncondCapture`) records the negative chunk's inputs - the
-batched call the host makes in ``calc_cond_batch``, identical in both hosts - and the bound ``apply_model`` it was
+batched call the host makes in ``calc_cond_batch`` - and the bound ``apply_model`` it was
 given, which is then called again with ϕ_h under autograd. The positive prompt (with HiFi Subject Conditioning's
 step-wise rows, model patches, ControlNets) is whatever the guider has; the sampler never needs to see it.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -35,7 +34,10 @@ import torch
 
 from ..core import graph_patches, host
 from ..core.host import PersonalizeError
-from .inversion import UNCOND, _fmt, _sigma_list, ddim_step
+from ..core.sampling import (UNCOND, check_same_schedule, check_sigmas, check_single_conditioning, ddim_step, denoise,
+                             guidance_scale, report_step, sampler_from_function, sigma_list,
+                             with_model_function_wrapper)
+from ..core.tuning import optimiser_step
 
 log = logging.getLogger("comfyui_personalize")
 
@@ -77,14 +79,8 @@ def guided_step(x: torch.Tensor, sigma: float, sigma_next: float, denoised: torc
             d_h = base + (1.0 - cfg) * (branch(phi) - d_u)
             x_h = ddim_step(xx, d_h, sigma, sigma_next)
             loss = ((x_h - tgt).pow(2) * weight).sum() / count * scale
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise PersonalizeError(f"{NODE}: the guidance loss became {value}; lower the learning rate "
-                                       f"(now {lr:g}).")
-            losses.append(value)
+            losses.append(optimiser_step(loss, opt, lambda v: (
+                f"{NODE}: the guidance loss became {v}; lower the learning rate (now {lr:g}).")))
         phi = phi.detach()
         with torch.no_grad():
             d_h = base + (1.0 - cfg) * (branch(phi) - d_u) if inner_steps > 0 else base
@@ -124,12 +120,7 @@ class ReferenceGuidance:
         return self.trajectory[self.steps - i]
 
     def check(self, sigmas: torch.Tensor, x: torch.Tensor) -> None:
-        mine, theirs = self.sigmas.double().cpu(), sigmas.detach().double().cpu()
-        if theirs.shape != mine.shape or not torch.allclose(theirs, mine, rtol=1e-4, atol=1e-6):
-            raise PersonalizeError(
-                f"{NODE}: the reference was inverted on {self.steps} steps of sigmas {_fmt(mine)}, but the sampler "
-                f"got {theirs.shape[0] - 1} steps on {_fmt(theirs)}. Connect the same SIGMAS to this node and to "
-                "SamplerCustom.")
+        check_same_schedule(NODE, self.sigmas, sigmas, "the reference was inverted on")
         if tuple(x.shape[-2:]) != tuple(self.trajectory.shape[-2:]):
             h, w = self.trajectory.shape[-2:]
             raise PersonalizeError(
@@ -141,7 +132,7 @@ def reference_guided_sample(evaluate, x: torch.Tensor, sigmas, guidance: Referen
                             callback=None) -> torch.Tensor:
     """Algorithm 2 over the whole schedule. ``evaluate(x, i, need_branch) -> (D̃, UncondBranch | None)`` is the
     CFG prediction at step i (and, when asked, its unconditional branch)."""
-    sig = _sigma_list(sigmas)
+    sig = sigma_list(sigmas)
     mask = guidance.mask.to(device=x.device, dtype=x.dtype)
     phi = None
     guidance.losses = []
@@ -151,8 +142,7 @@ def reference_guided_sample(evaluate, x: torch.Tensor, sigmas, guidance: Referen
             x = x + mask * (guidance.target(i).to(device=x.device, dtype=x.dtype) - x)
         guided = guidance.start_index <= i <= guidance.end_index
         denoised, branch = evaluate(x, i, guided)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sig[i], "sigma_hat": sig[i], "denoised": denoised})
+        report_step(callback, x, i, sig[i], denoised)
         if guided:
             if phi is None:
                 phi = branch.context
@@ -238,29 +228,13 @@ class UncondCapture:
                                                                               base.diffusion_model, x_in)
 
         inner = self.inner
-        differentiable = (lambda: graph_patches.unet_differentiable_during(base)) if base is not None and \
-            hasattr(base, "diffusion_model") else contextlib.nullcontext
 
         def fn(phi: torch.Tensor) -> torch.Tensor:
             cc = dict(c, c_crossattn=phi.to(context.dtype).expand(context.shape[0], -1, -1))
-            with differentiable():
-                if inner is not None:  # the MODEL's own wrapper, as the host would call it for this chunk
-                    return inner(apply_model, {"input": x_in, "timestep": t_in, "c": cc, "cond_or_uncond": [UNCOND]})
-                return apply_model(x_in, t_in, **cc)
+            if inner is not None:  # the MODEL's own wrapper, as the host would call it for this chunk
+                return inner(apply_model, {"input": x_in, "timestep": t_in, "c": cc, "cond_or_uncond": [UNCOND]})
+            return apply_model(x_in, t_in, **cc)
         return UncondBranch(fn, context, out)
-
-
-def cfg_scale(model, extra_args: dict) -> float:
-    """The guidance scale of this sampling: ``extra_args["cond_scale"]`` (2024 host), else the guider's ``cfg``
-    (2025 host: the KSAMPLER's model wraps the guider, ``CFGGuider.cfg``)."""
-    if "cond_scale" in extra_args:
-        return float(extra_args["cond_scale"])
-    guider = getattr(model, "inner_model", None)
-    cfg = getattr(guider, "cfg", None)
-    if isinstance(cfg, (int, float)):
-        return float(cfg)
-    raise PersonalizeError(f"{NODE}: this guider has no single cfg scale; use SamplerCustom, or "
-                           "SamplerCustomAdvanced with a CFGGuider.")
 
 
 def sample_reference_guided(model, x, sigmas, extra_args=None, callback=None, disable=None,
@@ -269,18 +243,19 @@ def sample_reference_guided(model, x, sigmas, extra_args=None, callback=None, di
     CFG model; only ``model_options`` is replaced, per guided step, to add :class:`UncondCapture`."""
     extra_args = {} if extra_args is None else extra_args
     guidance.check(sigmas, x)
-    cfg = cfg_scale(model, extra_args)
-    options = extra_args.get("model_options", {})
-    s_in = x.new_ones([x.shape[0]])
+    cfg = guidance_scale(NODE, model)
     t0 = time.perf_counter()
 
     def evaluate(xx, i, need_branch):
         if not need_branch:
-            return model(xx, sigmas[i] * s_in, **extra_args), None
-        capture = UncondCapture(options.get("model_function_wrapper"))
-        args = dict(extra_args, model_options=dict(options, model_function_wrapper=capture))
-        denoised = model(xx, sigmas[i] * s_in, **args)
-        return denoised, capture.branch()
+            return denoise(model, xx, sigmas[i], extra_args), None
+        capture = {}
+
+        def install(inner):  # UncondCapture chained in front of the MODEL's own wrapper
+            capture["wrapper"] = UncondCapture(inner)
+            return capture["wrapper"]
+        denoised = denoise(model, xx, sigmas[i], with_model_function_wrapper(extra_args, install))
+        return denoised, capture["wrapper"].branch()
 
     out = reference_guided_sample(evaluate, x, sigmas, guidance, cfg, callback)
     log.info("%s: %d steps, guided t=%d..%d with %d inner steps each, last guidance loss %.3g, %.1f s", NODE,
@@ -290,9 +265,8 @@ def sample_reference_guided(model, x, sigmas, extra_args=None, callback=None, di
 
 
 def reference_guided_sampler(guidance: ReferenceGuidance):
-    """A SAMPLER (``comfy.samplers.KSAMPLER``) for SamplerCustom / SamplerCustomAdvanced."""
-    import comfy.samplers
-    return comfy.samplers.KSAMPLER(sample_reference_guided, extra_options={"guidance": guidance})
+    """A SAMPLER for SamplerCustom / SamplerCustomAdvanced."""
+    return sampler_from_function(sample_reference_guided, guidance=guidance)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,11 +288,7 @@ def check_inputs(model, subject, sigmas, reference_images, reference_masks, gene
     family = host.require_family(NODE, model)
     if subject is not None and subject.family != family:
         raise PersonalizeError(wrong_family_message(f"{NODE}: the subject", subject.family, family))
-    if not torch.is_tensor(sigmas) or sigmas.ndim != 1 or sigmas.shape[0] < 2:
-        raise PersonalizeError(f"{NODE}: SIGMAS must be a schedule of at least one step, e.g. from BasicScheduler.")
-    s = sigmas.detach().double().cpu()
-    if not bool((s[1:] < s[:-1]).all()) or bool(s[-1] < 0):
-        raise PersonalizeError(f"{NODE}: SIGMAS must be strictly descending and non-negative; got {_fmt(s)}.")
+    check_sigmas(NODE, sigmas)
     n = sigmas.shape[0] - 1
     if t_start < t_end:
         raise PersonalizeError(
@@ -376,7 +346,7 @@ def prepare_guidance(model, vae, conditioning: list, subject, sigmas: torch.Tens
     from .alignment import align_masks, warp
     ref_masks, gen = check_inputs(model, subject, sigmas, reference_images, reference_masks, generated_mask,
                                   t_start, t_end, inner_steps, lr, reference_index)
-    inversion._single(conditioning, "reference")
+    check_single_conditioning(NODE, conditioning, "reference")
     idx = choose_reference(reference_images, reference_index, clip_vision, generated_image)
     sim = align_masks(ref_masks[idx], gen[0], iterations=align_iterations)
     log.info("%s: reference %d aligned: scale %.3f, rotation %.1f deg, shift (%.1f, %.1f) px, IoU %.3f", NODE, idx,

@@ -1,5 +1,5 @@
-"""HiFi Tuner personalised subject replacement (Wang et al. 2023, arXiv 2312.00079, §3.4, Algorithm 3;
-methods.md §1.6), after prompt-to-prompt (Hertz et al. 2022) and null-text inversion (Mokady et al. 2023).
+"""HiFi Tuner personalised subject replacement (Wang et al. 2023, arXiv 2312.00079, §3.4, Algorithm 3), after
+prompt-to-prompt (Hertz et al. 2022) and null-text inversion (Mokady et al. 2023).
 
 1. ``x^r_0`` = VAE(photo); ``c_r`` = its caption; ``c_g`` = ``c_r`` with the source word replaced by the target
    (class) word ``w_g``, and the subject rows ``c_s^t`` in its padding tail (Eq. 7).
@@ -29,6 +29,7 @@ import torch
 
 from ..core import host
 from ..core.host import PersonalizeError
+from ..core.sampling import InterruptibleProgress, ModelPrediction, check_sigmas, ddim_step, sigma_list
 from ..kernels.attention import attention, attention_reference
 
 log = logging.getLogger("comfyui_personalize")
@@ -150,10 +151,7 @@ def check_inputs(model, clip, image, mask, caption, source_word, target_word, su
     replace_word(caption, source_word, target_word or source_word)
     if not target_word.strip():
         raise PersonalizeError(f"{NODE}: the target word is empty; give the subject's class word (e.g. 'dog').")
-    if not torch.is_tensor(sigmas) or sigmas.ndim != 1 or sigmas.shape[0] < 2 or \
-            not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise PersonalizeError(f"{NODE}: SIGMAS must be a descending schedule of at least one step "
-                               "(BasicScheduler; ddim_uniform matches the subject's step-wise rows).")
+    check_sigmas(NODE, sigmas, "The ddim_uniform scheduler matches the subject's step-wise rows.")
     if cfg == 1.0 or null_text_steps < 1:
         raise PersonalizeError(f"{NODE}: the background is rebuilt by null-text inversion, which needs cfg ≠ 1 and "
                                "null_text_steps ≥ 1.")
@@ -199,8 +197,8 @@ def replace_subject(model, clip, vae, image: torch.Tensor, mask: torch.Tensor, c
     add_injection(patched, injection)
     n = sigmas.shape[0] - 1
     inject_steps = round(cross_replace * n)
-    sig = [float(s) for s in sigmas]
-    progress = host.progress_bar(n, node_id)
+    sig = sigma_list(sigmas)
+    progress = InterruptibleProgress(n, node_id)
     try:
         host.load_for_compute(patched)
         device = patched.load_device
@@ -208,10 +206,10 @@ def replace_subject(model, clip, vae, image: torch.Tensor, mask: torch.Tensor, c
         x = states[0].clone()
         m = resize_mask_to(masks, tuple(x.shape[-2:])).to(device=device, dtype=x.dtype)
         cr, cg = c_r.to(device).float(), c_g.to(device).float()
-        denoiser = inversion.ModelDenoiser(patched, pos, neg, torch.cat([x, x]))
+        denoiser = ModelPrediction.for_conditioning(patched, pos, neg, torch.cat([x, x]), NODE)
         with torch.no_grad():
             for i in range(n):
-                host.check_interrupt()
+                progress.check()
                 target_ctx = with_tail(cg, _rows_for_sigma(subject, model, sig[i], use_stepwise)) \
                     if subject is not None else cg
                 s2 = torch.full((2 * x.shape[0],), sig[i], device=device)
@@ -222,9 +220,9 @@ def replace_subject(model, clip, vae, image: torch.Tensor, mask: torch.Tensor, c
                     d_c = denoiser(x, s2[:x.shape[0]], target_ctx)
                 injection.active = False
                 d_u = denoiser(x, s2[:x.shape[0]], inv.null_embeddings[i].to(device), uncond=True)
-                x = inversion.ddim_step(x, d_u + cfg * (d_c - d_u), sig[i], sig[i + 1])
+                x = ddim_step(x, d_u + cfg * (d_c - d_u), sig[i], sig[i + 1])
                 x = states[i + 1] + m * (x - states[i + 1])
-                progress.update_absolute(i + 1, n)
+                progress.advance()
         out_latent = patched.model.process_latent_out(x.float()).to(host.intermediate_device())
     finally:
         host.release(patched)

@@ -13,8 +13,8 @@ import torch
 from ..core import artifacts, host
 from ..core.diffusion import DiffusionObjective
 from ..core.textual import PlaceholderEmbeddings
-from ..core.tuning import TrainingSession, TuningConfig, TuningResult, run_loop, seeded_generator
-from .common import SubjectData, encode_subject
+from ..core.tuning import Phase, TrainingSession, TuningConfig, TuningResult, run_loop, seeded_generator
+from .subject_photos import SubjectPhotos, encode_subject
 
 NODE = "Train Subject Embedding"
 
@@ -34,37 +34,41 @@ class TextualInversionResult:
 
 
 def train_textual_inversion(model, clip, vae, images: torch.Tensor, *, placeholder: str, init_word: str,
-                            cfg: TuningConfig, embedding_name: str, masks: torch.Tensor | None = None,
-                            overwrite: bool = False, node_id=None) -> TextualInversionResult:
+                            config: TuningConfig | None = None, embedding_name: str,
+                            masks: torch.Tensor | None = None, overwrite: bool = False, node_id=None,
+                            cfg: TuningConfig | None = None) -> TextualInversionResult:
+    """Train the placeholder's embedding; ``config`` holds steps, learning rate, batch size, seed, precision.
+    (``cfg`` is the keyword nodes/training.py passes the config under until it passes ``config``.)"""
+    config = config if config is not None else cfg
     family = host.require_family(NODE, model, clip)
-    cfg.validate(NODE)
+    config.validate(NODE)
     path = artifacts.target_path("embeddings", embedding_name)
     artifacts.check_writable(path, overwrite)
     emb = PlaceholderEmbeddings(clip, placeholder, init_word)
-    data: SubjectData = encode_subject(NODE, vae, images, masks)
+    data: SubjectPhotos = encode_subject(NODE, vae, images, masks)
 
-    with TrainingSession(model, clip, train_text=True, gradient_checkpointing=cfg.gradient_checkpointing) as s:
+    with TrainingSession(model, clip, train_text=True, gradient_checkpointing=config.gradient_checkpointing) as s:
         s.adopt(emb, s.clip.patcher.load_device)
         emb.attach(s.clip)
         s.load()
-        gen = seeded_generator(cfg.seed)
+        gen = seeded_generator(config.seed)
         objective = DiffusionObjective(s.model, data.latents, data.latent_masks, gen)
         tokens = [s.clip.tokenize(t.format(emb.word)) for t in TEMPLATES]
 
         def step(_i):
             tok = tokens[int(torch.randint(0, len(tokens), (1,), generator=gen))]
             cond, pooled = s.clip.encode_from_tokens(tok, return_pooled=True)
-            idx, sigma, noise = objective.sample(cfg.batch_size)
+            idx, sigma, noise = objective.sample(config.batch_size)
             return objective.loss(cond, idx, sigma, noise, pooled)
 
-        result = run_loop(NODE, list(emb.parameters()), step, cfg, device=s.device, node_id=node_id,
-                          preview_model=s.model)
+        result = run_loop(NODE, [Phase(list(emb.parameters()), config.steps, step)], config, device=s.device,
+                          node_id=node_id, preview_model=s.model)
 
     trained = emb.frozen_copy()
     artifacts.save_safetensors(
         trained.embedding_file_tensors(family), path,
         {"method": "textual_inversion", "family": family, "placeholder": trained.word, "init_word": init_word,
-         "steps": cfg.steps, "learning_rate": cfg.learning_rate, "final_loss": result.losses[-1]},
+         "steps": config.steps, "learning_rate": config.learning_rate, "final_loss": result.losses[-1]},
         overwrite=overwrite)
     out_clip = clip.clone()
     trained.attach(out_clip)

@@ -109,10 +109,10 @@ def test_nan_loss_stops_training_and_writes_nothing(host, sd15, subject, err, un
     lora = pack_module(host, "methods.dreambooth_lora")
     tuning = pack_module(host, "core.tuning")
     name = unique_name()
-    cfg = tuning.TuningConfig(steps=8, learning_rate=1e30)
+    config = tuning.TuningConfig(steps=8, learning_rate=1e30)
     with torch.inference_mode(), pytest.raises(err, match=r"loss became (nan|inf).*Lower the learning rate"):
         lora.train_lora(model, clip, vae, subject[0], instance_prompt="a photo of sks dog", rank=2,
-                        layers="attention", train_text_encoder=False, cfg=cfg, lora_name=name)
+                        layers="attention", train_text_encoder=False, config=config, lora_name=name)
     assert _no_file(host, "loras", name)
 
 

@@ -448,7 +448,7 @@ def test_sd2_vpred_subject(hifi, host, sd2, subject, err, trained, unique_name):
 
 @pytest.mark.slow
 def test_sdxl_subject(hifi, host, sdxl, subject, unique_name):
-    """SDXL (methods.md §1.10.9, UNCONFIRMED in the paper): the tail of the 2048-d sequence; pooled untouched."""
+    """SDXL (not covered by the paper): the tail of the 2048-d sequence; pooled untouched."""
     model, clip, vae = sdxl
     subj, loss, _ = _tune(model, clip, vae, subject[0], unique_name("hifixl"), global_steps=1, sampling_steps=1)
     assert subj.family == "sdxl" and subj.rows.shape == (2, 5, 2048) and np.isfinite(loss["loss"]).all()

@@ -133,11 +133,12 @@ def _run(rg, toy, cond, uncond, sigmas, noise, guidance, cfg=5.0, stop_after=Non
     return states + [out]
 
 
-def test_toy_guidance_pulls_the_region_toward_the_reference_and_leaves_the_rest(rg, toy_problem):
+def test_toy_guidance_pulls_the_region_toward_the_reference_and_leaves_the_rest(rg, host, toy_problem):
     """Per-pixel toy (no spatial mixing): at t_e the subject region is closer to the reference trajectory with
     guidance (J = 10) than with the paste alone (J = 0), and that closer than plain DDIM; outside the region the
     guided run equals plain DDIM exactly (float64, bit for bit)."""
     inv, toy, cond, uncond, sigmas, traj, mask, noise = toy_problem
+    sampling = pack_module(host, "core.sampling")
     cfg = 5.0
     g = _guidance(rg, sigmas, traj, mask)
     guided = _run(rg, toy, cond, uncond, sigmas, noise, g, cfg)
@@ -145,8 +146,8 @@ def test_toy_guidance_pulls_the_region_toward_the_reference_and_leaves_the_rest(
     plain = [noise]
     x = noise
     for i in range(10):
-        x = inv.ddim_step(x, inv.guided_denoised(toy, x, SIGMAS_10[i], cond, uncond, cfg), SIGMAS_10[i],
-                          SIGMAS_10[i + 1])
+        x = sampling.ddim_step(x, sampling.guided_denoised(toy, x, SIGMAS_10[i], cond, uncond, cfg), SIGMAS_10[i],
+                               SIGMAS_10[i + 1])
         plain.append(x)
     k = g.end_index + 1  # the state after the last guided step (paper t_e − 1)
     target = g.target(k)
