@@ -102,9 +102,7 @@ def call_node(class_type: str, **inputs):
 
 def stock_sampler(name: str):
     import comfy.samplers
-    if hasattr(comfy.samplers, "sampler_object"):
-        return comfy.samplers.sampler_object(name)
-    return call_node("KSamplerSelect", sampler_name=name)[0]
+    return comfy.samplers.sampler_object(name)
 
 
 class CondCounter:

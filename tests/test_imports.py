@@ -110,3 +110,21 @@ print("BAD", bad)
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "BAD []" in result.stdout, result.stdout[-3000:]
+
+
+def test_no_script_puts_the_repository_or_a_pack_folder_on_the_import_path():
+    """A static check of what the probe above cannot run (code inside main()): no script, benchmark or test puts the
+    repository root on sys.path or imports a pack folder as a top-level module (``import nodes`` after the host
+    is booted is ComfyUI's nodes.py, so it is allowed)."""
+    import re
+
+    root_on_path = re.compile(r"sys\.path\.(insert|append)\([^#\n]*str\((ROOT|REPO|REPO_ROOT)\)\)")
+    folders = "|".join(name for name in PACK_FOLDERS if name != "nodes")
+    folder_import = re.compile(rf"^\s*(from|import)\s+({folders})(\.|\s|$)", re.M)
+    found = []
+    for folder in ("scripts", "bench", "tests", "harness"):
+        for path in sorted((REPO_ROOT / folder).glob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            found += [f"{path.relative_to(REPO_ROOT)}: {m.group(0).strip()}" for m in root_on_path.finditer(text)]
+            found += [f"{path.relative_to(REPO_ROOT)}: {m.group(0).strip()}" for m in folder_import.finditer(text)]
+    assert not found, "use harness.pack_package() / Host.pack() instead:\n" + "\n".join(found)
