@@ -165,7 +165,7 @@ constraints: | $(PY)
 # constraints.txt, so the next drift shows up as a named failure. Cost on a 2-core CPU: a fresh venv ~3-5 min
 # (torch from local wheels), later runs ~1 min of pip; the tests below ~3 min (CHECK_LATEST_TESTS to change them).
 LATEST_VENV ?= .cache/venv-latest
-CHECK_LATEST_TESTS ?= tests/test_imports.py tests/test_harness.py -m "not server"
+CHECK_LATEST_TESTS ?= tests/test_imports.py tests/test_harness.py -m 'not server'
 LATEST_PY := $(LATEST_VENV)/bin/python
 
 check-latest: $(HOST_TREE)
@@ -181,11 +181,10 @@ check-latest: $(HOST_TREE)
 	  -r requirements-bench.txt -r "$(LATEST_VENV)/host-requirements.txt" || fail "pip install of the newest releases"; \
 	$(LATEST_PY) -m pip freeze --exclude-editable | LC_ALL=C sort > "$(LATEST_VENV)/freeze.txt"; \
 	drift="$$(grep -vE '^(#|$$)' "$(ROOT)/constraints.txt" | LC_ALL=C sort | LC_ALL=C comm -13 - "$(LATEST_VENV)/freeze.txt" \
-	  | grep -viE '^(comfyui[-_]|pip==|setuptools==|wheel==)' | tr '\n' ' ')"; \
+	  | { grep -viE '^(comfyui[-_]|pip==|setuptools==|wheel==)' || true; } | tr '\n' ' ')"; \
 	echo "check-latest: versions not in constraints.txt: $${drift:-none}"; \
 	step "importing the benchmark's libraries as bench/ does (diffusers UNet + PEFT LoRA, transformers CLIP)"; \
-	(cd bench && $(abspath $(LATEST_PY)) -c "import sys; sys.path.insert(0, '../.pythonpath'); \
-	  import bench_training, reference; from diffusers import UNet2DConditionModel; \
+	(cd bench && $(abspath $(LATEST_PY)) -c "import bench_training, reference; from diffusers import UNet2DConditionModel; \
 	  from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint; from peft import LoraConfig; \
 	  from transformers import CLIPTextModel") || fail "the benchmark's libraries do not import (see above)"; \
 	step "pytest $(CHECK_LATEST_TESTS) on $$host"; \
