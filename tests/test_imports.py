@@ -23,7 +23,14 @@ def _locations(module) -> list[Path]:
 
 
 def _in_repo(path: Path) -> bool:
-    return path == REPO_ROOT or path.is_relative_to(REPO_ROOT)
+    """A path of the pack's own files: under the repository, but not in a hidden folder there (the default host
+    tree .hosts/, venvs and caches such as .cache/venv-latest) nor in an installed library (site-packages)."""
+    if path == REPO_ROOT:
+        return True
+    if not path.is_relative_to(REPO_ROOT):
+        return False
+    parts = path.relative_to(REPO_ROOT).parts
+    return not parts[0].startswith(".") and "site-packages" not in parts
 
 
 def test_repository_root_is_not_on_sys_path(host):
@@ -90,6 +97,12 @@ def test_scripts_and_benchmarks_do_not_expose_the_repository():
 import importlib.util, runpy, sys
 from pathlib import Path
 root = Path({str(REPO_ROOT)!r})
+def in_repo(p):
+    p = Path(p).resolve()
+    if p == root:
+        return True
+    return p.is_relative_to(root) and not p.relative_to(root).parts[0].startswith(".") \
+        and "site-packages" not in p.parts
 sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != root]  # like `python scripts/x.py`
 bad = []
 for rel in {files!r}:
@@ -100,7 +113,7 @@ for rel in {files!r}:
     for name in {PACK_FOLDERS!r}:
         spec = importlib.util.find_spec(name)
         where = [spec.origin, *(spec.submodule_search_locations or [])] if spec else []
-        if any(p and Path(p).resolve().is_relative_to(root) for p in where):
+        if any(p and in_repo(p) for p in where):
             bad.append((rel, name, where))
     if any(Path(p or '.').resolve() == root for p in sys.path):
         bad.append((rel, "sys.path", str(root)))
