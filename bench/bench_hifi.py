@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / ".pythonpath"))  # `harness` only, never the repo root (see harness/__init__.py)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import measure  # noqa: E402
@@ -102,9 +102,7 @@ def call_node(class_type: str, **inputs):
 
 def stock_sampler(name: str):
     import comfy.samplers
-    if hasattr(comfy.samplers, "sampler_object"):
-        return comfy.samplers.sampler_object(name)
-    return call_node("KSamplerSelect", sampler_name=name)[0]
+    return comfy.samplers.sampler_object(name)
 
 
 class CondCounter:

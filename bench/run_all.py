@@ -4,9 +4,12 @@ Run with the venv's python from the repository root (``make bench`` does: ``COMF
 bench/run_all.py``). Arguments are passed to each benchmark (e.g. ``--latents 8 --rounds 4`` for a quick look).
 
 requirements-bench.txt is installed into the running interpreter's environment the first time, and again whenever
-the file changes (a stamp named after its hash is kept in ``sys.prefix``); torch is held at the version the venv
-was built with through ``<venv>/torch-constraints.txt`` when that file exists. Each benchmark runs in its own
-process, because ComfyUI can be booted only once per process.
+it or ``constraints.txt`` changes (a stamp named after their hash is kept in ``sys.prefix``), through the
+repository's ``constraints.txt`` (the tested versions, torch included), so nothing the venv holds moves. Each
+benchmark runs in its own process, because ComfyUI can be booted only once per process.
+
+The benchmarks put only ``.pythonpath/`` (the harness) on ``sys.path``, never the repository root: the pack's
+``kernels/`` would otherwise shadow Hugging Face's ``kernels``, which transformers >= 5 imports (issue #25).
 """
 from __future__ import annotations
 
@@ -19,18 +22,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIREMENTS = REPO / "requirements-bench.txt"
+CONSTRAINTS = REPO / "constraints.txt"
 BENCHMARKS = ["bench/bench_training.py", "bench/bench_hifi.py"]
 
 
 def ensure_requirements() -> None:
-    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:16]
+    constraints = CONSTRAINTS.read_bytes() if CONSTRAINTS.is_file() else b""
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes() + b"\0" + constraints).hexdigest()[:16]
     stamp = Path(sys.prefix) / f".stamp-bench-{digest}"
     if stamp.exists():
         return
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-r", str(REQUIREMENTS)]
-    constraints = Path(sys.prefix) / "torch-constraints.txt"
-    if constraints.is_file():
-        cmd += ["-c", str(constraints)]
+    if CONSTRAINTS.is_file():
+        cmd += ["-c", str(CONSTRAINTS)]
     print("installing benchmark requirements:", " ".join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"could not install {REQUIREMENTS.name}; the benchmark needs diffusers and peft")

@@ -1,8 +1,7 @@
 """Run API-format prompts through the booted host's own ``execution.PromptExecutor`` (no HTTP server).
 
-docs/comfyui-host.md section 9.2: validate with ``execution.validate_prompt`` (async with three arguments in 2025,
-sync with one in 2024, which raises KeyError for unknown class types), then execute with a stub server object.
-Outputs come from ``history_result["outputs"]`` (2025) or ``outputs_ui`` (2024).
+docs/comfyui-host.md section 9.2: validate with ``await execution.validate_prompt(prompt_id, prompt, None)``, then
+execute with a stub server object. Outputs come from ``PromptExecutor.history_result["outputs"]``.
 """
 from __future__ import annotations
 
@@ -87,7 +86,7 @@ class RunResult:
 
 
 class StubServer:
-    """The parts of ``server.PromptServer`` that ``PromptExecutor`` touches in both trees."""
+    """The parts of ``server.PromptServer`` that ``PromptExecutor`` touches."""
 
     def __init__(self) -> None:
         self.client_id: str | None = None
@@ -102,7 +101,7 @@ class StubServer:
     def queue_updated(self) -> None:
         pass
 
-    def send_progress_text(self, text, node_id, sid=None) -> None:  # 2025 PromptServer API
+    def send_progress_text(self, text, node_id, sid=None) -> None:
         self.events.append(("progress_text", {"node_id": node_id, "text": text}))
 
 
@@ -141,20 +140,8 @@ def validate_prompt(prompt: dict, prompt_id: str | None = None) -> tuple[list, d
             raise WorkflowValidationError(
                 {"message": f"missing node type {node['class_type']!r} (node {node_id}) — is the pack installed?"},
                 {}, prompt)
-    fn = host.execution.validate_prompt
-    if inspect.iscoroutinefunction(fn):
-        # v0.3.64: (prompt_id, prompt, partial_execution_list); earlier async versions lack trailing params.
-        n_params = len(inspect.signature(fn).parameters)
-        candidates = {1: (prompt,), 2: (prompt_id or uuid.uuid4().hex, prompt),
-                      3: (prompt_id or uuid.uuid4().hex, prompt, None)}
-        if n_params not in candidates:
-            raise RuntimeError(f"unsupported validate_prompt signature {inspect.signature(fn)}")
-        valid, error, outputs, node_errors = asyncio.run(fn(*candidates[n_params]))
-    else:
-        try:
-            valid, error, outputs, node_errors = fn(prompt)
-        except KeyError as exc:  # 2024 raises for unknown class types (pre-checked above) and missing keys
-            raise WorkflowValidationError({"message": f"invalid prompt: missing key {exc}"}, {}, prompt) from exc
+    valid, error, outputs, node_errors = asyncio.run(
+        host.execution.validate_prompt(prompt_id or uuid.uuid4().hex, prompt, None))  # None: every output
     if not valid:
         raise WorkflowValidationError(error, node_errors, prompt)
     return list(outputs), dict(node_errors or {})
@@ -201,11 +188,7 @@ def run_api_prompt(
     messages = list(executor.status_messages)
     error = next((data for event, data in messages if event == "execution_error"), None)
     interrupted = any(event == "execution_interrupted" for event, _ in messages)
-    history = getattr(executor, "history_result", None)
-    if isinstance(history, dict) and "outputs" in history:
-        ui_outputs = history["outputs"]
-    else:
-        ui_outputs = getattr(executor, "outputs_ui", {})
+    ui_outputs = (getattr(executor, "history_result", None) or {}).get("outputs", {})
     result = RunResult(
         prompt_id=prompt_id,
         success=bool(executor.success) and error is None and not interrupted,

@@ -2,7 +2,7 @@
 
 :func:`ensure_checkpoint` builds, once, a deterministic checkpoint that ComfyUI's stock loader
 (``CheckpointLoaderSimple`` / ``comfy.sd.load_checkpoint_guess_config``) accepts in both supported host trees
-(2024 a28a9dc and 2025 v0.3.64) and caches it. Nothing is downloaded; the weights are seeded noise.
+(v0.3.75 and v0.3.64) and caches it. Nothing is downloaded; the weights are seeded noise.
 
 What the files contain (original/ldm key layout, safetensors, fp16; ``docs/comfyui-host.md`` section 10):
 
@@ -12,15 +12,14 @@ What the files contain (original/ldm key layout, safetensors, fp16; ``docs/comfy
 * ``sd2`` detected as ``SD20`` / V_PREDICTION. UNet: 320 channels, 4 levels x 2 res blocks (so there are 12 output
   blocks, as the v-prediction probe of SD20 needs), linear ``proj_in``, context 1024, depth-1 transformers on levels 0
   and 1 (input and output side) and in the middle block. ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` is
-  drawn with std 0.15: both trees call the model v-prediction when that tensor's std exceeds 0.09 (the 2024 tree
-  also raises KeyError when the key is absent). Full 24-layer OpenCLIP ViT-H text tower in open_clip layout under
+  drawn with std 0.15: the host calls the model v-prediction when that tensor's std exceeds 0.09. Full 24-layer OpenCLIP ViT-H text tower in open_clip layout under
   ``cond_stage_model.model.`` (``transformer.resblocks.N.attn.in_proj_weight``, ``text_projection``, ...).
 * ``sdxl`` detected as ``SDXL`` / EPS. UNet: 320 channels, 3 levels x 2 res blocks, input transformer depths
   ``[0, 0, 2, 2, 10, 10]`` (the SDXL class matches on exactly this list; other lists select SSD1B, Segmind_Vega,
   KOALA...), depth-1 transformers on the output side of levels 1 and 2 and in the middle, linear ``proj_in``,
   context 2048, ``label_emb`` with 2816 ADM inputs. Full CLIP-L (``conditioner.embedders.0.transformer.``) and
   full 32-layer CLIP-G with ``text_projection`` (``conditioner.embedders.1.model.``, open_clip layout).
-* All three use a TAESD VAE under ``first_stage_model.taesd_encoder.`` / ``taesd_decoder.`` (both trees switch
+* All three use a TAESD VAE under ``first_stage_model.taesd_encoder.`` / ``taesd_decoder.`` (both hosts switch
   to TAESD when ``taesd_decoder.1.weight`` is present) plus ``vae_scale`` / ``vae_shift`` set like ComfyUI's
   ``VAELoader`` does for real TAESD weights, so decoding costs milliseconds.
 
@@ -127,7 +126,7 @@ UNET_CONFIGS = {
     ),
 }
 
-#: The tensor both trees read to tell SD2 v-prediction from eps (std > 0.09 means v-prediction).
+#: The tensor the host reads to tell SD2 v-prediction from eps (std > 0.09 means v-prediction).
 SD2_VPRED_MARKER = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 _SD2_VPRED_MARKER_STD = 0.15
 
@@ -350,13 +349,10 @@ def _host_text_encoder(kind: str):
     import comfy.sd1_clip
     import comfy.sdxl_clip
 
-    try:
-        from comfy.text_encoders import sd2_clip  # 2025
-    except ImportError:
-        from comfy import sd2_clip  # 2024
+    from comfy.text_encoders import sd2_clip
     cls = {"sd15": comfy.sd1_clip.SD1ClipModel, "sd2": sd2_clip.SD2ClipModel,
            "sdxl": comfy.sdxl_clip.SDXLClipModel}[kind]
-    with torch.device("meta"), torch.no_grad():  # 2024 copies eye() into text_projection in __init__
+    with torch.device("meta"), torch.no_grad():
         return cls(device="meta", dtype=torch.float32)
 
 
@@ -459,7 +455,7 @@ def _taesd_specs(kind: str) -> list[TensorSpec]:
             gain = _TAESD_RGB_GAIN if key == rgb + "weight" else _TAESD_BLOCK_OUT_GAIN if ".conv.4." in key else 1.0
             init = _generic_init(key, module, local, shape, gain)
         out.append(TensorSpec(key, shape, "F16", init))
-    # 2025 has vae_shift, 2024 does not (it ignores the extra key); write both like VAELoader.load_taesd does.
+    # vae_scale and vae_shift, like VAELoader.load_taesd writes them.
     out.append(TensorSpec("first_stage_model.vae_scale", (), "F16", ("const", _TAESD_SCALE[kind])))
     out.append(TensorSpec("first_stage_model.vae_shift", (), "F16", ("const", 0.0)))
     return out
@@ -480,13 +476,13 @@ def _check_spec_against_host(kind: str, spec: list[TensorSpec]) -> None:
               "channel_mult", "transformer_depth", "transformer_depth_output", "transformer_depth_middle"):
         if config.unet_config.get(k) != UNET_CONFIGS[kind].get(k):
             raise AssertionError(f"{kind}: detected {k}={config.unet_config.get(k)}, built {UNET_CONFIGS[kind].get(k)}")
-    if kind == "sd2" and SD2_VPRED_MARKER not in sd:  # 2024 SD20.model_type indexes it unconditionally
+    if kind == "sd2" and SD2_VPRED_MARKER not in sd:  # without it SD20.model_type falls back to EPS
         raise AssertionError(f"sd2: {SD2_VPRED_MARKER} missing")
     clip_sd = config.process_clip_state_dict(dict(sd))
     te = _host_text_encoder(kind)
     host = {k: tuple(v.shape) for k, v in te.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in clip_sd.items()}
-    # Real SD1.x / SDXL CLIP-L weights have no projection / logit_scale; both trees tolerate that.
+    # Real SD1.x / SDXL CLIP-L weights have no projection / logit_scale; the host tolerates that.
     allowed_missing = {"clip_l.transformer.text_projection.weight", "clip_l.logit_scale"}
     missing = set(host) - set(got) - allowed_missing
     unexpected = {k for k in set(got) - set(host) if not k.endswith("embeddings.position_ids")}

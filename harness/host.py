@@ -1,6 +1,6 @@
 """Boot a real ComfyUI tree in-process and load this pack through ComfyUI's own custom-node loader.
 
-Follows docs/comfyui-host.md section 9.2 (verified on the 2024 tree a28a9dc and on v0.3.64):
+Follows docs/comfyui-host.md section 9.2 (verified on v0.3.75, the default host, and on v0.3.64):
 
 1. ``comfy.cli_args.args.cpu = True`` and ``fp32_text_enc = True`` before anything imports
    ``comfy.model_management`` (unless ``PERSONALIZE_DEVICE=auto``: then ComfyUI picks the device, see
@@ -8,9 +8,13 @@ Follows docs/comfyui-host.md section 9.2 (verified on the 2024 tree a28a9dc and 
 2. Model folders, output/input/temp directories and a fresh ``custom_nodes`` directory are registered with
    ``folder_paths``. The custom_nodes directory holds one symlink, ``comfyui_personalize`` -> the repository root,
    so the pack is imported exactly like a user install (``custom_nodes/<folder>/__init__.py``).
-3. Trees that ship ``utils/extra_config.py`` (2025) get ``import utils.extra_config`` before ``import nodes``.
-4. ``nodes.init_extra_nodes`` (async, 2025) is used when it exists, else ``nodes.init_custom_nodes()`` (2024).
-   Behaviour is chosen by feature detection only, never by version strings.
+3. ``import utils.extra_config`` before ``import nodes`` (nodes.py puts comfy/ first on sys.path, shadowing utils/).
+4. ``await nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False)`` loads the built-in extra nodes and
+   the pack. Where the supported hosts differ, behaviour is chosen by feature detection, never by version strings.
+
+The host tree goes first on ``sys.path``; the repository root is never on it (``harness/__init__.py``), so
+``nodes``, ``comfy`` and ``kernels`` resolve to ComfyUI and the libraries, and the pack is reached only as the
+package ComfyUI loaded (:meth:`Host.pack`).
 
 One host per process: :func:`boot` is idempotent and returns the same :class:`Host` on later calls.
 """
@@ -19,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import importlib
-import importlib.util
 import inspect
 import logging
 import os
@@ -37,7 +40,7 @@ from . import DEFAULT_HOST_PATH, REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-#: Name of the symlink (and so, in the 2024 tree, of the module) under the temporary custom_nodes directory.
+#: Name of the symlink under the temporary custom_nodes directory (the folder name a user installs the pack as).
 PACK_LINK_NAME = "comfyui_personalize"
 #: Model folders that always exist under ``models_dir`` (created empty if missing).
 STANDARD_MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "vae", "clip_vision", "personalize_subjects")
@@ -97,13 +100,6 @@ class Host:
     input_dir: Path
     temp_dir: Path
     version: str
-    # Feature flags (docs/comfyui-host.md section 0); use these instead of version checks.
-    has_guiders: bool
-    has_comfy_api: bool
-    has_init_extra_nodes: bool
-    has_async_validate: bool
-    has_get_model_object: bool
-    has_node_helpers: bool
     extras_import_failed: list = field(default_factory=list)
     boot_log: list = field(default_factory=list)
     boot_seconds: float = 0.0
@@ -111,12 +107,7 @@ class Host:
 
     def __repr__(self) -> str:
         return (f"Host(path={str(self.path)!r}, version={self.version!r}, pack={self.pack_module_name!r}, "
-                f"nodes={len(self.pack_node_ids)}, has_guiders={self.has_guiders}, has_comfy_api={self.has_comfy_api})")
-
-    @property
-    def is_current_api(self) -> bool:
-        """True on trees with the 2025-style API surface (guiders, ``comfy_api``)."""
-        return self.has_guiders and self.has_comfy_api
+                f"nodes={len(self.pack_node_ids)})")
 
     @property
     def pack_node_ids(self) -> list[str]:
@@ -146,7 +137,7 @@ class Host:
         except KeyError:
             registered = []
         if str(folder) not in registered:
-            _register_first(self.folder_paths, folder_name, str(folder))
+            self.folder_paths.add_model_folder_path(folder_name, str(folder), is_default=True)
         self.refresh_model_lists()
         return folder
 
@@ -252,8 +243,8 @@ def _check_clean_process(path: Path) -> None:
         if not any(Path(loc).resolve().is_relative_to(path) for loc in locations):
             raise HostBootError(
                 f"module {name!r} is already imported from {locations or '?'}, not from {path}. "
-                "Boot the host before importing ComfyUI modules (and never `import nodes` from the repo root: "
-                "the pack's own modules use relative imports)."
+                "Boot the host before importing ComfyUI modules, and never put the repository root on sys.path "
+                "(the pack's nodes/ would shadow nodes.py; use Host.pack for the pack's modules)."
             )
     if "comfy.model_management" in sys.modules:
         raise HostBootError("comfy.model_management was imported before boot(); args.cpu cannot be applied")
@@ -285,15 +276,6 @@ def _read_version(path: Path) -> str:
     return "unknown"
 
 
-def _register_first(folder_paths, name: str, path: str) -> None:
-    """Register ``path`` as the FIRST directory of a model folder, so files nodes write (LoRAs, embeddings) land
-    in the harness's directories and never in the host tree's own models/ (2024 has no ``is_default``)."""
-    folder_paths.add_model_folder_path(name, path)
-    paths = folder_paths.folder_names_and_paths[name][0]
-    paths.remove(path)
-    paths.insert(0, path)
-
-
 def _make_custom_nodes_dir() -> Path:
     custom_nodes = Path(tempfile.mkdtemp(prefix="personalize_custom_nodes_"))
     (custom_nodes / PACK_LINK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
@@ -317,7 +299,7 @@ def _remove_custom_nodes_dir(custom_nodes: Path) -> None:
 
 
 def _pack_failure_message(messages: list[str], module_path: str) -> str | None:
-    """The loader's traceback for ``module_path`` (both trees log the traceback, then 'Cannot import ...')."""
+    """The loader's traceback for ``module_path`` (the loader logs the traceback, then 'Cannot import ...')."""
     for i, message in enumerate(messages):
         if module_path in message and (message.startswith("Cannot import") or message.startswith("Skip ")
                                        or "comfy_entrypoint" in message):
@@ -359,8 +341,7 @@ def _boot(path: Path, models_dir: Path, output_dir: Path, input_dir: Path | None
     for name in STANDARD_MODEL_FOLDERS:
         (models_dir / name).mkdir(exist_ok=True)
 
-    # The host tree must come first: the repository root (on sys.path for `import harness`) has a `nodes/`
-    # package of its own, which would otherwise shadow ComfyUI's nodes.py.
+    # The host tree comes first, ahead of anything else that could provide `nodes` / `comfy` / `utils`.
     host_entry = str(path)
     while host_entry in sys.path:
         sys.path.remove(host_entry)
@@ -371,24 +352,22 @@ def _boot(path: Path, models_dir: Path, output_dir: Path, input_dir: Path | None
     args = comfy.cli_args.args
     if host_device() == "cpu":
         args.cpu = True
-        if hasattr(args, "fp32_text_enc"):
-            args.fp32_text_enc = True
-    if hasattr(args, "disable_api_nodes"):
-        args.disable_api_nodes = True
+        args.fp32_text_enc = True
+    args.disable_api_nodes = True
 
     import torch
 
     torch.set_num_threads(_cpu_count())
     torch.set_flush_denormal(True)
 
-    if (path / "utils" / "extra_config.py").is_file():
-        # 2025: must precede `import nodes` (nodes.py puts comfy/ first on sys.path, shadowing utils/).
-        importlib.import_module("utils.extra_config")
+    # Must precede `import nodes` (nodes.py puts comfy/ first on sys.path, shadowing utils/).
+    importlib.import_module("utils.extra_config")
 
     import folder_paths
 
     for sub in sorted(p for p in models_dir.iterdir() if p.is_dir()):
-        _register_first(folder_paths, sub.name, str(sub))
+        # first in its list, so files nodes write (LoRAs, embeddings) land here, never in the tree's own models/
+        folder_paths.add_model_folder_path(sub.name, str(sub), is_default=True)
     folder_paths.set_output_directory(str(output_dir))
     folder_paths.set_input_directory(str(input_dir))
     folder_paths.set_temp_directory(str(temp_dir))
@@ -408,19 +387,7 @@ def _boot(path: Path, models_dir: Path, output_dir: Path, input_dir: Path | None
 
         if Path(nodes.__file__).resolve().parent != path:
             raise HostBootError(f"`import nodes` resolved to {nodes.__file__}, not to {path}/nodes.py")
-        has_init_extra_nodes = hasattr(nodes, "init_extra_nodes")
-        if has_init_extra_nodes:
-            params = inspect.signature(nodes.init_extra_nodes).parameters
-            kwargs = {}
-            if "init_custom_nodes" in params:
-                kwargs["init_custom_nodes"] = True
-            if "init_api_nodes" in params:
-                kwargs["init_api_nodes"] = False
-            result = nodes.init_extra_nodes(**kwargs)
-            if inspect.isawaitable(result):
-                result = asyncio.run(result)
-        else:
-            result = nodes.init_custom_nodes()
+        result = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     finally:
         root_logger.removeHandler(capture)
     extras_failed = list(result) if isinstance(result, (list, tuple)) else []
@@ -453,9 +420,6 @@ def _boot(path: Path, models_dir: Path, output_dir: Path, input_dir: Path | None
             "overridden by custom nodes; every pack id must be unique (ids start with 'Personalize')."
         )
 
-    import comfy.model_patcher
-    import comfy.samplers
-
     host = Host(
         path=path,
         nodes=nodes,
@@ -470,12 +434,6 @@ def _boot(path: Path, models_dir: Path, output_dir: Path, input_dir: Path | None
         input_dir=input_dir,
         temp_dir=temp_dir,
         version=_read_version(path),
-        has_guiders=hasattr(comfy.samplers, "CFGGuider"),
-        has_comfy_api=importlib.util.find_spec("comfy_api") is not None,
-        has_init_extra_nodes=has_init_extra_nodes,
-        has_async_validate=inspect.iscoroutinefunction(execution.validate_prompt),
-        has_get_model_object=hasattr(comfy.model_patcher.ModelPatcher, "get_model_object"),
-        has_node_helpers=importlib.util.find_spec("node_helpers") is not None,
         extras_import_failed=extras_failed,
         boot_log=list(capture.messages),
         boot_seconds=time.perf_counter() - started,

@@ -1,9 +1,8 @@
 """Run a real ComfyUI server (``python main.py``) as a subprocess and drive it over HTTP (urllib only).
 
 The server listens on 127.0.0.1 only, on a free port, with ``--cpu`` and an extra-model-paths YAML that registers
-the harness' model folders and the custom_nodes directory holding the pack symlink (see ``harness.host``).
-Optional flags (``--disable-auto-launch``, ``--fp32-text-enc``, ...) are added only when the tree's
-``comfy/cli_args.py`` defines them.
+the harness' model folders and the custom_nodes directory holding the pack symlink (see ``harness.host``). Every flag
+used here exists in both supported hosts (v0.3.75, v0.3.64).
 """
 from __future__ import annotations
 
@@ -57,14 +56,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def supported_flags(comfyui_path: Path) -> set[str]:
-    """The ``--flags`` declared in the tree's ``comfy/cli_args.py``."""
-    import re
-
-    text = (Path(comfyui_path) / "comfy" / "cli_args.py").read_text(encoding="utf-8")
-    return set(re.findall(r"[\"'](--[a-z0-9][a-z0-9-]*)[\"']", text))
-
-
 def _yaml_quote(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
 
@@ -111,28 +102,20 @@ class ComfyServer:
 
     def command(self) -> list[str]:
         assert self.workdir is not None and self.port is not None
-        flags = supported_flags(self.comfyui_path)
         from .host import host_device
         cpu = ["--cpu"] if host_device() == "cpu" else []
         cmd = [self.python, str(self.comfyui_path / "main.py"), *cpu, "--listen", "127.0.0.1",
                "--port", str(self.port),
                "--extra-model-paths-config", str(self.workdir / "extra_model_paths.yaml"),
-               "--output-directory", str(self.output_dir)]
-        optional: list[tuple[str, list[str]]] = [
-            ("--disable-auto-launch", []),
-            ("--temp-directory", [str(self.workdir)]),
-            ("--disable-api-nodes", []),
-            ("--user-directory", [str(self.workdir / "user")]),
-            ("--database-url", [f"sqlite:///{self.workdir / 'comfyui.db'}"]),
-        ]
+               "--output-directory", str(self.output_dir), "--disable-auto-launch",
+               "--temp-directory", str(self.workdir), "--disable-api-nodes",
+               "--user-directory", str(self.workdir / "user"),
+               "--database-url", f"sqlite:///{self.workdir / 'comfyui.db'}"]
         if cpu:
-            optional.append(("--fp32-text-enc", []))
+            cmd.append("--fp32-text-enc")
         if self.input_dir is not None:
-            optional.append(("--input-directory", [str(self.input_dir)]))
-        for flag, values in optional:
-            if flag in flags:
-                cmd += [flag, *values]
-        if self.isolate_custom_nodes and {"--disable-all-custom-nodes", "--whitelist-custom-nodes"} <= flags:
+            cmd += ["--input-directory", str(self.input_dir)]
+        if self.isolate_custom_nodes:
             # Load only the pack from the tree's custom_nodes folders (the tree may hold other packs).
             cmd += ["--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_LINK_NAME]
         return cmd + self.extra_args

@@ -50,9 +50,23 @@ MINI_DEMO_SUBJECT = "striped red star"
 """The held-out mini-world subject the mini demo workflow personalises (never seen in base training)."""
 
 
+def _pack_module(name: str):
+    """A module of the pack: the host-loaded one when a host is booted, else through :func:`harness.pack_package`."""
+    import importlib
+
+    from . import PACK_PACKAGE, pack_package
+    from .host import current_host
+
+    host = current_host()
+    if host is not None:
+        return host.pack(name)
+    pack_package()
+    return importlib.import_module(f"{PACK_PACKAGE}.{name}")
+
+
 def heldout_kit(name: str = MINI_DEMO_SUBJECT):
     """The held-out subject's kit (miniworld.world.HeldoutSubject: references, masks, prompts) by name."""
-    from miniworld import world
+    world = _pack_module("miniworld.world")
     for kit in world.heldout_set(seed=0):
         if kit.subject.name == name:
             return kit

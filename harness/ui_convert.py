@@ -1,7 +1,8 @@
 """Convert UI-format workflows (what ComfyUI's "Save" writes and users share) into API-format prompts.
 
-A Python port of the frontend's ``graphToPrompt`` (2024: ``web/scripts/app.js``; 2025: ``comfyui_frontend_package``
-1.27, ``ExecutableNodeDTO.resolveInput/resolveOutput``), following docs/comfyui-host.md section 9.4:
+A Python port of the frontend's ``graphToPrompt`` (``comfyui_frontend_package`` 1.27 to 1.32, the versions the
+supported hosts pin: ``ExecutableNodeDTO.resolveInput/resolveOutput``; files saved by older frontends are read the
+way the current one migrates them), following docs/comfyui-host.md section 9.4:
 
 * muted nodes (mode 2) are skipped; inputs that pointed at them are removed ("dangling");
 * bypassed nodes (mode 4) pass one of their inputs through: the input at the same index as the requested output
@@ -145,8 +146,8 @@ def map_widget_values(spec: dict, values: Any, node_label: str = "") -> dict:
         return {k: v for k, v in values.items() if k in (spec.get("required") or {}) or k in (spec.get("optional") or {})}
     values = list(values or [])
     widgets = _widget_inputs(spec, include_force_input=False)
-    # 2024 frontends created (hidden) widgets for forceInput inputs too, so their values occupy slots; 2025
-    # migrates such lists when the count matches (migrateWidgetsValues). Do the same.
+    # Files saved by older (2024) frontends have values for the hidden widgets of forceInput inputs too; the current
+    # frontend migrates such lists when the count matches (migrateWidgetsValues). Do the same.
     with_force = _widget_inputs(spec, include_force_input=True)
     if len(with_force) != len(widgets):
         count = sum(1 + _control_widget_count(n, s) for n, s in with_force)

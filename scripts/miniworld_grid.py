@@ -13,9 +13,10 @@ import torch
 from torchvision.utils import save_image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / ".pythonpath"))  # `harness` only, never the repo root (see harness/__init__.py)
+__import__("harness").pack_package()  # the pack as the package comfyui_personalize (no ComfyUI needed)
 
-from miniworld import SCENES, base_subjects, heldout_subjects, render_batch  # noqa: E402
+from comfyui_personalize.miniworld import SCENES, base_subjects, heldout_subjects, render_batch  # noqa: E402
 
 log = logging.getLogger("miniworld.grid")
 

@@ -32,10 +32,11 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(ROOT / ".pythonpath") not in sys.path:  # `harness` only, never the repo root (see harness/__init__.py)
+    sys.path.insert(0, str(ROOT / ".pythonpath"))
+__import__("harness").pack_package()  # the pack as the package comfyui_personalize (no ComfyUI needed)
 
-from miniworld import (  # noqa: E402
+from comfyui_personalize.miniworld import (  # noqa: E402
     PATTERNS,
     SCENES,
     Subject,
@@ -45,7 +46,7 @@ from miniworld import (  # noqa: E402
     heldout_subjects,
     render_batch,
 )
-from miniworld.evaluators import (  # noqa: E402
+from comfyui_personalize.miniworld.evaluators import (  # noqa: E402
     DEFAULT_WEIGHTS,
     FORMAT,
     HEADS,

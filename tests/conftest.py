@@ -8,17 +8,12 @@ it). Tiny random checkpoints are built lazily by ``harness.fixtures.ensure_check
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # pytest.ini's `pythonpath = .` normally does this
-    sys.path.append(str(REPO_ROOT))
-
-from harness import DEFAULT_HOST_PATH  # noqa: E402
-from harness.fixtures import default_cache_dir  # noqa: E402
+from harness import DEFAULT_HOST_PATH, REPO_ROOT  # pytest.ini: `pythonpath = .pythonpath` (never the repo root)
+from harness.fixtures import default_cache_dir
 
 FIXTURE_CACHE_DIR = default_cache_dir()  # $PERSONALIZE_FIXTURES_DIR or <repo>/.cache/fixtures
 

@@ -21,7 +21,7 @@ import torch
 from harness import fixtures as F
 
 #: sha256 of each kind's spec (keys, shapes, dtypes, init rules, seed) for the current FORMAT_VERSION, identical on
-#: the 2024 and the 2025 tree. A mismatch means the host derived other shapes (a host change), or someone changed
+#: both supported hosts (v0.3.75, v0.3.64). A mismatch means the host derived other shapes (a host change), or someone changed
 #: the spec without bumping ``harness.fixtures.FORMAT_VERSION``: bump it and record the new digests here.
 RECORDED_SPEC_DIGESTS = {
     1: {
@@ -38,7 +38,7 @@ _GOLDEN_SHA256 = "82aaa66dd2df4953ed61d9fc06bf8da2c82a6a320babf42437fe4a611254d8
 _SLOW = {"sd2", "sdxl"}
 KIND_PARAMS = [pytest.param(k, marks=pytest.mark.slow) if k in _SLOW else k for k in F.KINDS]
 
-#: Keys real SD1.x / SDXL checkpoints lack too; the 2024 tree logs them as "clip missing" (2025 at debug level).
+#: Keys real SD1.x / SDXL checkpoints lack too; the host may log them as "clip missing" (at debug level).
 _ALLOWED_CLIP_MISSING = {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"}
 
 

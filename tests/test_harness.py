@@ -20,6 +20,8 @@ from harness.ui_convert import (
 )
 
 DATA = Path(__file__).resolve().parent / "data"
+# The same txt2img graph as saved by a 2024 frontend (users still have such files; the current frontend migrates them)
+# and by a 2025 one.
 UI_2024 = DATA / "txt2img_ui.json"
 UI_2025 = DATA / "txt2img_ui_2025.json"
 
@@ -59,9 +61,9 @@ def test_host_boot_loaded_pack(host):
         assert host.nodes.NODE_CLASS_MAPPINGS[node_id] is host.pack_classes[node_id]
     assert host.custom_nodes_dir.joinpath("comfyui_personalize").resolve() == Path(__file__).resolve().parents[1]
     assert host.folder_paths.get_output_directory() == str(host.output_dir)
-    # feature flags agree with the tree layout (no version sniffing involved)
-    assert host.has_comfy_api == (host.path / "comfy_api").is_dir()
-    assert host.has_init_extra_nodes == hasattr(host.nodes, "init_extra_nodes")
+    # the model folders the harness registered come first, so files nodes write never land in the tree's models/
+    assert host.folder_paths.get_folder_paths("loras")[0] == str(host.models_dir / "loras")
+    assert host.version == (host.path / "comfyui_version.py").read_text().split('"')[1]
 
 
 def test_api_txt2img_in_process(host, ckpt_sd15, run_workflow):

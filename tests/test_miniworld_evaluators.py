@@ -13,7 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from miniworld import (
+from harness import pack_package
+
+pack_package()  # the pack as the package comfyui_personalize; here too for the DDP workers this module spawns
+from comfyui_personalize.miniworld import (  # noqa: E402
     COLOURS,
     SCENES,
     SHAPES,
@@ -24,7 +27,7 @@ from miniworld import (
     heldout_set,
     heldout_subjects,
 )
-from miniworld.evaluators import (
+from comfyui_personalize.miniworld.evaluators import (  # noqa: E402
     DEFAULT_WEIGHTS,
     HEADS,
     RETRAIN_COMMAND,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from miniworld import (
+from comfyui_personalize.miniworld import (  # the pack as a package (harness.pytest_plugin)
     COLOUR_RGB,
     COLOURS,
     IMAGE_SIZE,
