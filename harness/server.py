@@ -303,6 +303,10 @@ class ComfyServer:
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type})
         return self._request("GET", f"/view?{query}")
 
+    def get(self, path: str) -> Any:
+        """GET ``path`` (``/api/...`` or the legacy route): parsed JSON, or the raw bytes of anything else."""
+        return self._request("GET", path)
+
     def set_setting(self, key: str, value: Any) -> None:
         """POST /settings/{key}: a user setting the frontend reads at start-up (``Comfy.TutorialCompleted``...)."""
         self._request("POST", f"/settings/{urllib.parse.quote(key)}", value)

@@ -138,6 +138,19 @@ def test_workflow_opens_without_warnings(frontend, path, request):
     assert not flagged, f"frontend {frontend.version} flags nodes on opening: {flagged}"
 
 
+def test_template_browser_lists_workflows_with_thumbnails(frontend):
+    """The server lists the pack's workflows for the template browser, and each one's picture is the same-named
+    .jpg the frontend asks for (``/api/workflow_templates/<pack>/<name>.jpg``)."""
+    from harness.host import PACK_LINK_NAME
+
+    listed = frontend.server.get("/api/workflow_templates")
+    assert sorted(listed.get(PACK_LINK_NAME, [])) == sorted(p.stem for p in WORKFLOWS)
+    for path in WORKFLOWS:
+        assert path.with_suffix(".jpg").is_file(), f"no thumbnail {path.with_suffix('.jpg').name}"
+        data = frontend.server.get(f"/api/workflow_templates/{PACK_LINK_NAME}/{path.stem}.jpg")
+        assert data[:3] == b"\xff\xd8\xff", f"{path.stem}.jpg is not served as a JPEG"
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_queues_and_runs(frontend, host, path):
     workflow = json.loads(path.read_text(encoding="utf-8"))
