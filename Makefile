@@ -191,3 +191,27 @@ check-latest: $(HOST_TREE)
 	COMFYUI_PATH="$$host" $(LATEST_PY) -m pytest $(CHECK_LATEST_TESTS) -q -p no:cacheprovider \
 	  || fail "pytest $(CHECK_LATEST_TESTS) with the versions above"; \
 	step "passed with the newest releases"
+
+# Browser test (tests/test_frontend.py): Debian's Chromium (apt-get, when /usr/bin/chromium is missing), Python
+# Playwright in the venv (never `playwright install`: Chromium comes from apt), and the newest
+# comfyui-frontend-package (harness/frontend.py's NEWEST_FRONTEND) in .cache/frontends next to the one the host pins.
+# A failed install only warns here: the browser test then fails in CI (CI set) naming what is missing.
+PLAYWRIGHT_VERSION := 1.65.3
+NEWEST_FRONTEND := $(shell sed -n 's/^NEWEST_FRONTEND = "\([0-9.]*\)".*/\1/p' $(ROOT)/harness/frontend.py)
+NEWEST_FRONTEND_DIR := $(ROOT)/.cache/frontends/comfyui-frontend-package-$(NEWEST_FRONTEND)
+.PHONY: frontends
+frontends: $(VENV_STAMP)
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo -n"; \
+	  { $$sudo apt-get update -q && $$sudo apt-get install -y -q chromium; } \
+	    || echo "warning: could not install chromium (apt-get install -y chromium); the browser test will fail in CI" >&2; \
+	fi
+	@$(PY) -c "import playwright" 2>/dev/null || $(PIP) install playwright==$(PLAYWRIGHT_VERSION) \
+	  || echo "warning: could not install playwright; the browser test will fail in CI" >&2
+	@if [ ! -f "$(NEWEST_FRONTEND_DIR)/comfyui_frontend_package/static/index.html" ]; then \
+	  scratch="$(NEWEST_FRONTEND_DIR).tmp"; rm -rf "$$scratch"; \
+	  $(PIP) install --no-deps --target "$$scratch" comfyui-frontend-package==$(NEWEST_FRONTEND) \
+	    && mv "$$scratch" "$(NEWEST_FRONTEND_DIR)" \
+	    || echo "warning: could not install comfyui-frontend-package==$(NEWEST_FRONTEND); the browser test will fail in CI" >&2; \
+	fi
+test: frontends

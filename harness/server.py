@@ -123,6 +123,9 @@ class ComfyServer:
     def _write_model_paths(self) -> Path:
         assert self.workdir is not None
         lines = ["personalize_harness:", f"  base_path: {_yaml_quote(str(self.models_dir))}"]
+        # is_default: the harness' folders come first, so files the server writes (LoRAs, embeddings, subjects) land
+        # there and never in the host tree's own models/.
+        lines.append("  is_default: true")
         folders = sorted(p.name for p in self.models_dir.iterdir() if p.is_dir()) if self.models_dir.is_dir() else []
         for name in folders:
             lines.append(f"  {name}: {_yaml_quote(str(self.models_dir / name))}")
@@ -275,6 +278,22 @@ class ComfyServer:
     def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type})
         return self._request("GET", f"/view?{query}")
+
+    def get(self, path: str) -> Any:
+        """GET ``path`` (``/api/...`` or the legacy route): parsed JSON, or the raw bytes of anything else."""
+        return self._request("GET", path)
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """POST /settings/{key}: a user setting the frontend reads at start-up (``Comfy.TutorialCompleted``...)."""
+        self._request("POST", f"/settings/{urllib.parse.quote(key)}", value)
+
+    def status_of(self, path: str) -> int:
+        """The HTTP status of GET ``path`` (200, 404, ...), for probing which routes the server has."""
+        try:
+            with _NO_PROXY_OPENER.open(urllib.request.Request(self.base_url + path), timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
 
     def interrupt(self) -> None:
         self._request("POST", "/interrupt", {})

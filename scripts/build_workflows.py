@@ -3,6 +3,13 @@
 The files are what ComfyUI's "Save" writes (nodes, links, widgets_values in INPUT_TYPES order, a seed control
 value after seed widgets), so they load in the UI and in the test harness alike. Run after changing a node's
 inputs:  .venv/bin/python scripts/build_workflows.py   (boots the default host to read INPUT_TYPES)
+
+Layout: every node gets at least the size the real frontend computes for it (``computeSize()``: its inputs, outputs,
+widgets and title), read from ``scripts/node_sizes.json`` (``scripts/measure_node_sizes.py`` measures it in headless
+Chromium in both frontends the browser test runs). Nodes stand in columns by data flow (a node one column right of
+its rightmost input; a node that only feeds others pulled right to just before its first consumer); each group of
+``GROUPS`` is a horizontal band of its own, so groups never overlap and nodes never do; a short note opens a band
+where a person needs one. ``tests/test_frontend.py`` checks the result in the real frontend.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / ".pythonpath"))  # `harness` only, never the repo root (see harness/__init__.py)
+SIZE_TABLE = ROOT / "scripts" / "node_sizes.json"
 
 DEMO_CKPT = "personalize_test_sd15.safetensors"
 MINI_CKPT = "mini_world.safetensors"  # the trained mini family shipped in the pack's models/ (make mini-world)
@@ -189,7 +197,7 @@ GRAPHS = {
         (13, "SolidMask", {"value": 0.0, "width": 64, "height": 64}, None),
         (14, "SolidMask", {"value": 1.0, "width": 32, "height": 32}, None),
         (15, "MaskComposite", {"destination": (13, 0), "source": (14, 0), "x": 16, "y": 16, "operation": "add"},
-         "Generated-subject mask (replace by a segmentation of the 1st pass, e.g. SAM)"),
+         "Generated-subject mask (a stand-in)"),
         (16, "CLIPTextEncode", {"clip": (1, 1), "text": "a photo of an object"}, "Reference caption"),
         (17, "PersonalizeHiFiReferenceGuidedSampler", {"model": (1, 0), "vae": (1, 2), "subject": (3, 0),
                                                        "reference_conditioning": (16, 0), "sigmas": (8, 0),
@@ -225,12 +233,177 @@ GRAPHS = {
 }
 
 
+# name -> [(group title, node ids, note or None)]; a workflow without an entry is one band without a group.
+GROUPS = {
+    "textual_inversion": [
+        ("1. Learn a new word for the subject (Textual Inversion)", [1, 2, 3, 10, 11],
+         "Put 3-5 photos of your subject in a folder under ComfyUI/input (masks: <name>_mask.png or the photos' "
+         "alpha). The node learns the placeholder word (sks) and saves models/embeddings/<embedding_name>; "
+         "any prompt can then use it as embedding:<embedding_name>."),
+        ("2. Sample with the word", [4, 5, 6, 7, 8, 9], None),
+    ],
+    "dreambooth_lora": [
+        ("1. Fine-tune a LoRA on the subject (DreamBooth)", [1, 2, 3, 10, 11, 12],
+         "Put 3-5 photos of your subject in a folder under ComfyUI/input. The instance prompt names it (sks). "
+         "The node outputs the tuned model and clip and saves models/loras/<lora_name>, which the stock Load LoRA "
+         "node reads."),
+        ("2. Sample with the tuned model", [4, 5, 6, 7, 8, 9], None),
+    ],
+    "hifi_subject_tune": [
+        ("1. Learn the subject (HiFi Tuner)", [1, 2, 3, 16, 17],
+         "HiFi Subject Tune learns prompt rows for your subject from the photos and masks in a folder under "
+         "ComfyUI/input. Write prompts with the subject's class word (here: object)."),
+        ("2. Sample with the subject", [4, 5, 6, 7, 8, 9, 10], None),
+        ("3. Reload the saved subject file and sample again", [11, 12, 13, 14, 15],
+         "The subject is saved in models/personalize/subjects. In a later session, pick the file in HiFi Load "
+         "Subject and disconnect subject_file_name."),
+    ],
+    "invert_image": [
+        ("1. Invert the photo", [1, 2, 3, 4, 5, 6, 7, 8],
+         "Invert Image finds the noise that DDIM sampling turns back into the photo, and null-text embeddings so "
+         "that it also comes back with cfg."),
+        ("2. Reconstruct: same sigmas and cfg, no added noise", [9, 10, 11, 12], None),
+    ],
+    "mini_world_demo": [
+        ("1. Learn a held-out subject (HiFi Tuner, mini model)", [1, 2, 3, 41],
+         "Runs offline on the pack's mini model (64 px). HiFi Subject Tune learns the subject from its reference "
+         "views; each scene prompt then names the subject's class (star)."),
+        ("2. Place it in new scenes", [4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 30, 31, 40], None),
+    ],
+    "hifi_reference_guided": [
+        ("1. Learn the subject (HiFi Tuner)", [1, 2, 3], None),
+        ("2. First pass: sample without guidance", [4, 5, 6, 7, 8, 9, 10, 11, 12], None),
+        ("3. Second pass: guided by a reference photo", [13, 14, 15, 16, 17, 18, 19, 20],
+         "Same seed, sigmas and cfg as the first pass. generated_mask marks the subject in the first image: here a "
+         "fixed square; use a segmentation of that image (e.g. SAM)."),
+    ],
+    "hifi_subject_replace": [
+        ("1. Learn the subject (HiFi Tuner)", [1, 2, 3], None),
+        ("2. The photo and the region to replace", [4, 5, 6, 7, 8], None),
+        ("3. Replace the subject, keep the rest of the photo", [9, 10, 11, 12], None),
+    ],
+}
+
+# Layout constants (canvas units). LiteGraph draws a node's title bar above ``pos``.
+TITLE_H = 30
+GAP_X, GAP_Y = 60, 30
+GROUP_PAD, GROUP_TITLE_H, BAND_GAP = 20, 50, 50
+NOTE_ID_BASE = 100
+NOTE_WIDTH = 360
+# Minimum sizes that leave room to read and use a node (a prompt box; the image a Save Image node shows).
+MIN_SIZE = {"CLIPTextEncode": (400, 150), "SaveImage": (280, 300), "PersonalizeLossGraph": (280, 0)}
+GROUP_COLOR = "#3f789e"
+
+
 def _is_widget(spec) -> bool:
     t = spec[0]
-    return isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN")
+    return isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
-def build(title: str, demo: bool, graph: list, mappings: dict) -> dict:
+def node_types_in_use() -> set[str]:
+    return {n[1] for _, _, graph in GRAPHS.values() for n in graph}
+
+
+def titled_nodes_in_use() -> set[tuple[str, str]]:
+    return {(n[1], n[3]) for _, _, graph in GRAPHS.values() for n in graph if n[3]}
+
+
+def load_size_table(path: Path = SIZE_TABLE) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run scripts/measure_node_sizes.py")
+    return json.loads(path.read_text(encoding="utf-8"))["nodes"]
+
+
+def node_size(table: dict, ctype: str, title: str | None) -> list[int]:
+    """The measured computeSize() of (type, title) plus a margin, at least ``MIN_SIZE``, in whole tens."""
+    try:
+        w, h = table[ctype][title or ""]
+    except KeyError:
+        raise SystemExit(f"scripts/node_sizes.json has no size for {ctype!r} titled {title!r}: "
+                         "run scripts/measure_node_sizes.py") from None
+    min_w, min_h = MIN_SIZE.get(ctype, (0, 0))
+    w, h = max(w + 20, min_w), max(h + 10, min_h)
+    return [int(-(-w // 10) * 10), int(-(-h // 10) * 10)]
+
+
+def note_size(text: str) -> list[int]:
+    chars_per_line = (NOTE_WIDTH - 30) // 7
+    lines = sum(-(-max(len(part), 1) // chars_per_line) for part in text.split("\n"))
+    return [NOTE_WIDTH, 40 + 18 * lines]
+
+
+def columns(graph: list) -> dict:
+    """Column of each node by data flow: one right of its rightmost source (longest path); then every node that
+    feeds others moves right to just before its leftmost consumer, so short links stay short."""
+    sources = {nid: [v[0] for v in values.values() if isinstance(v, tuple)] for nid, _, values, _ in graph}
+    consumers: dict = {nid: [] for nid in sources}
+    for nid, srcs in sources.items():
+        for s in srcs:
+            consumers[s].append(nid)
+    col: dict = {}
+
+    def depth(nid):
+        if nid not in col:
+            col[nid] = 1 + max((depth(s) for s in sources[nid]), default=-1)
+        return col[nid]
+
+    for nid in sources:
+        depth(nid)
+    for nid in sorted(sources, key=lambda n: -col[n]):  # right to left: consumers are final before their sources
+        if consumers[nid]:
+            col[nid] = min(col[c] for c in consumers[nid]) - 1
+    return col
+
+
+def layout(name: str, graph: list, table: dict) -> tuple[dict, dict, list, list]:
+    """Positions and sizes of the graph's nodes and notes, the groups, and the note nodes (id, text)."""
+    col = columns(graph)
+    sizes = {nid: node_size(table, ctype, title) for nid, ctype, _, title in graph}
+    spec = GROUPS.get(name) or [(None, [n[0] for n in graph], None)]
+    grouped = [nid for _, ids, _ in spec for nid in ids]
+    if sorted(grouped) != sorted(sizes) or len(set(grouped)) != len(grouped):
+        raise ValueError(f"{name}: GROUPS must name every node exactly once (nodes {sorted(sizes)}, "
+                         f"grouped {sorted(grouped)})")
+    notes = []
+    bands = []  # (title, {column: [ids]})
+    for k, (title, ids, note) in enumerate(spec):
+        cols: dict = {}
+        for nid in sorted(ids, key=[n[0] for n in graph].index):
+            cols.setdefault(col[nid], []).append(nid)
+        if note:
+            note_id = NOTE_ID_BASE + k
+            notes.append((note_id, note))
+            sizes[note_id] = note_size(note)
+            cols.setdefault(min(cols), []).insert(0, note_id)
+        bands.append((title, cols))
+    used = sorted({c for _, cols in bands for c in cols})
+    width = {c: max(sizes[n][0] for _, cols in bands for n in cols.get(c, [])) for c in used}
+    x_of, x = {}, GROUP_PAD
+    for c in used:
+        x_of[c] = x
+        x += width[c] + GAP_X
+    pos, groups, top = {}, [], 0
+    for title, cols in bands:
+        y0 = top + (GROUP_TITLE_H if title else GROUP_PAD) + TITLE_H
+        bottom = y0
+        for c, ids in cols.items():
+            y = y0
+            for nid in ids:
+                pos[nid] = [x_of[c], y]
+                bottom = max(bottom, y + sizes[nid][1])
+                y += sizes[nid][1] + TITLE_H + GAP_Y
+        bottom += GROUP_PAD
+        if title:
+            left = min(x_of[c] for c in cols) - GROUP_PAD
+            right = max(pos[n][0] + sizes[n][0] for ids in cols.values() for n in ids) + GROUP_PAD
+            groups.append({"id": len(groups) + 1, "title": title, "bounding": [left, top, right - left, bottom - top],
+                           "color": GROUP_COLOR, "font_size": 24, "flags": {}})
+        top = bottom + BAND_GAP
+    return pos, sizes, groups, notes
+
+
+def build(name: str, title: str, demo: bool, graph: list, mappings: dict, table: dict) -> dict:
+    pos, sizes, groups, notes = layout(name, graph, table)
     nodes, links = [], []
     out_links: dict = {}
     link_id = 0
@@ -240,17 +413,17 @@ def build(title: str, demo: bool, graph: list, mappings: dict) -> dict:
         spec = cls.INPUT_TYPES()
         inputs, widgets = [], []
         for section in ("required", "optional"):
-            for name, s in spec.get(section, {}).items():
-                v = values.get(name)
+            for name_, s in spec.get(section, {}).items():
+                v = values.get(name_)
                 if isinstance(v, tuple):
                     link_id += 1
                     src, slot = v
                     src_type = mappings[by_id[src][1]].RETURN_TYPES[slot]
                     links.append([link_id, src, slot, nid, len(inputs), src_type])
                     out_links.setdefault((src, slot), []).append(link_id)
-                    entry = {"name": name, "type": src_type, "link": link_id}
+                    entry = {"name": name_, "type": src_type, "link": link_id}
                     if _is_widget(s):
-                        entry["widget"] = {"name": name}
+                        entry["widget"] = {"name": name_}
                     inputs.append(entry)
                     if _is_widget(s):
                         widgets.append(None)
@@ -259,14 +432,16 @@ def build(title: str, demo: bool, graph: list, mappings: dict) -> dict:
                         v = s[1].get("default") if len(s) > 1 else None
                         if v is None and isinstance(s[0], list):
                             v = s[0][0]
+                        if v is None and s[0] == "COMBO":  # V3 schema nodes: ("COMBO", {"options": [...]})
+                            v = s[1]["options"][0]
                     widgets.append(v)
-                    if name in ("seed", "noise_seed"):
+                    if name_ in ("seed", "noise_seed"):
                         widgets.append("fixed")
                 elif section == "required":
-                    raise ValueError(f"{ctype}.{name} is not connected")
-        node = {"id": nid, "type": ctype, "pos": [40 + 330 * (order % 4), 60 + 320 * (order // 4)],
-                "size": [300, 120], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
-                "outputs": [], "properties": {"Node name for S&R": ctype}, "widgets_values": widgets}
+                    raise ValueError(f"{ctype}.{name_} is not connected")
+        node = {"id": nid, "type": ctype, "pos": pos[nid], "size": sizes[nid], "flags": {}, "order": order,
+                "mode": 0, "inputs": inputs, "outputs": [], "properties": {"Node name for S&R": ctype},
+                "widgets_values": widgets}
         if ntitle:
             node["title"] = ntitle
         nodes.append(node)
@@ -275,18 +450,34 @@ def build(title: str, demo: bool, graph: list, mappings: dict) -> dict:
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         node["outputs"] = [{"name": n, "type": t, "links": out_links.get((node["id"], i), []), "slot_index": i}
                            for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
+    for note_id, text in notes:  # frontend-only nodes: never sent to the server
+        nodes.append({"id": note_id, "type": "Note", "pos": pos[note_id], "size": sizes[note_id], "flags": {},
+                      "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                      "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+    right = max(p[0] + sizes[i][0] for i, p in pos.items())
+    bottom = max(p[1] + sizes[i][1] for i, p in pos.items())
+    # Opened at a zoom where the frontend still draws text (it stops below ~0.6), left and top clear of its bars.
+    scale = round(max(0.7, min(1.0, 1800 / (right + 40), 1000 / (bottom + 40))), 2)
     return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": link_id, "nodes": nodes, "links": links,
-            "groups": [], "config": {},
-            "extra": {"personalize": {"demo": demo, "title": title}, "ds": {"scale": 1, "offset": [0, 0]}},
+            "groups": groups, "config": {},
+            "extra": {"personalize": {"demo": demo, "title": title}, "ds": {"scale": scale, "offset": [80, 60]}},
             "version": 0.4}
 
 
 def main() -> None:
+    import os
+    import tempfile
+
     from harness.host import boot_scratch
+    table = load_size_table()
     host = boot_scratch("build_workflows_")
     for name, (title, demo, graph) in GRAPHS.items():
-        wf = build(title, demo, graph, host.nodes.NODE_CLASS_MAPPINGS)
-        (ROOT / "workflows" / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
+        wf = build(name, title, demo, graph, host.nodes.NODE_CLASS_MAPPINGS, table)
+        target = ROOT / "workflows" / f"{name}.json"
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(wf, indent=1) + "\n")
+        os.replace(tmp, target)
         print(f"wrote workflows/{name}.json")  # noqa: T201 - script output
 
 
