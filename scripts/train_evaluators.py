@@ -157,7 +157,8 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, log_every: int = 0) -> TrainResult:
     """Train the evaluator network; with ``world_size > 1`` the default process group must be initialised and
-    the model is wrapped in DDP (miniworld/distributed.py). Each rank renders its own share of the pool and draws its own batches.
+    the model is wrapped in DDP (miniworld/distributed.py). Each rank renders its own share of the pool and draws
+    its own batches.
 
     Returns the (unwrapped) network in eval mode and this rank's per-step losses.
     """
