@@ -49,6 +49,7 @@ class BenchConfig:
     half: str = "reporting"      # which half of the held-out subjects (world.HALVES)
     subjects: int = 12           # the first n subjects of the half (all 12 by default)
     draws: int = 2               # reference-view draws per subject (heldout_set(seed=0..draws-1)): tuned anew each
+    views: int = world.REFERENCE_VIEWS  # k: reference images a method personalises from (1: the one-image protocol)
     seeds: int = 2               # images per (subject, draw, prompt)
     sampler_steps: int = 20      # ddim / ddim_uniform: hits HiFi's step-wise timesteps exactly
     cfg: float = 5.0
@@ -97,16 +98,17 @@ def call(node_map: dict, class_type: str, **inputs):
         return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
-def pick_subjects(n: int, half: str = "reporting", draw: int = 0) -> list[world.HeldoutSubject]:
+def pick_subjects(n: int, half: str = "reporting", draw: int = 0,
+                  views: int = world.REFERENCE_VIEWS) -> list[world.HeldoutSubject]:
     """The first ``n`` subjects of a half (world.TUNING_HALF / world.REPORTING_HALF) with reference-view draw
-    ``draw``. Deterministic."""
-    kits = world.heldout_half(half, seed=draw)
+    ``draw`` of ``views`` references each. Deterministic."""
+    kits = world.heldout_half(half, seed=draw, views=views)
     return list(kits[:max(1, min(n, len(kits)))])
 
 
 def pick_draws(cfg: BenchConfig) -> list[list[world.HeldoutSubject]]:
     """The kits of every reference-view draw: the same subjects, draw ``d``'s references from heldout_set(seed=d)."""
-    return [pick_subjects(cfg.subjects, cfg.half, d) for d in range(max(1, cfg.draws))]
+    return [pick_subjects(cfg.subjects, cfg.half, d, cfg.views) for d in range(max(1, cfg.draws))]
 
 
 class Benchmark:

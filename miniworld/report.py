@@ -53,9 +53,10 @@ def format_table(rows, cfg, subjects: list[str]) -> str:
         lines.append(f"| {r.title} | {fid[r.method]} | {r.image_similarity:.3f} | {pf[r.method]} "
                      f"| {100 * r.attributes:.1f} % | {t} | {b} |")
     lines.append(f"\n{len(subjects)} held-out subjects ({cfg.half} half: {', '.join(subjects)}) x {cfg.draws} "
-                 f"reference-view draw(s) x {len(world.SCENES)} scene prompts x {cfg.seeds} seed(s) per row; ddim / "
-                 f"ddim_uniform, {cfg.sampler_steps} steps, cfg {cfg.cfg}. Intervals: percentile bootstrap over "
-                 f"subjects ({stats.DEFAULT_RESAMPLES} resamples, seed {stats.DEFAULT_SEED}).")
+                 f"reference-view draw(s) of {cfg.views} image(s) x {len(world.SCENES)} scene prompts x {cfg.seeds} "
+                 f"seed(s) per row; ddim / ddim_uniform, {cfg.sampler_steps} steps, cfg {cfg.cfg}. Intervals: "
+                 f"percentile bootstrap over subjects ({stats.DEFAULT_RESAMPLES} resamples, "
+                 f"seed {stats.DEFAULT_SEED}).")
     return "\n".join(lines)
 
 

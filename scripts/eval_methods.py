@@ -3,8 +3,8 @@
 seeds, printed as a table with 95 % bootstrap intervals over subjects and paired differences against the baseline
 rows (full description, Textual Inversion, DreamBooth-LoRA) on the same subjects, draws, prompts and seeds.
 
-    .venv/bin/python scripts/eval_methods.py [--half reporting|tuning] [--subjects 12] [--draws 2] [--seeds 2]
-        [--methods ti,lora,hifi] [--set FIELD=VALUE] [--quick] [--json out.json] [--plot out.png]
+    .venv/bin/python scripts/eval_methods.py [--half reporting|tuning] [--subjects 12] [--draws 2] [--views 4]
+        [--seeds 2] [--methods ti,lora,hifi] [--set FIELD=VALUE] [--quick] [--json out.json] [--plot out.png]
 
 --quick is the short version CI runs (the tuning half's first 2 subjects, 1 draw, 1 seed, the gated rows). Sweeps
 (--set, --methods) belong on the tuning half (--half tuning); on the reporting half they are refused unless
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                    help="allow --set / --methods on the reporting half (to report a setting chosen on the tuning half)")
     p.add_argument("--subjects", type=int, default=None, help="the first N subjects of the half (default: all 12)")
     p.add_argument("--draws", type=int, default=None, help="reference-view draws per subject (default 2)")
+    p.add_argument("--views", type=int, default=None,
+                   help="k: reference images per subject a method personalises from (default 4; 1: one-image protocol)")
     p.add_argument("--seeds", type=int, default=None, help="sampling seeds per (subject, draw, prompt) (default 2)")
     p.add_argument("--methods", default="", help="comma-separated subset of the registered personalisation rows")
     p.add_argument("--quick", action="store_true", help="the short CI version")
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
 
     cfg = bench.quick_config() if args.quick else bench.BenchConfig()
     overrides = {k: v for k, v in (("half", args.half), ("subjects", args.subjects), ("draws", args.draws),
-                                   ("seeds", args.seeds)) if v is not None}
+                                   ("views", args.views), ("seeds", args.seeds)) if v is not None}
     if args.methods:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = [m for m in overrides["methods"] if m not in registry.keys()]

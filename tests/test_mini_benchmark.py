@@ -59,6 +59,8 @@ def test_subjects_come_from_the_halves(bench):
     draws = bench.pick_draws(bench.BenchConfig(subjects=3, draws=2))
     assert [k.subject for k in draws[0]] == [k.subject for k in draws[1]] == [k.subject for k in kits[:3]]
     assert not torch.equal(draws[0][0].references[0].image, draws[1][0].references[0].image)  # new views
+    one = bench.pick_draws(bench.BenchConfig(subjects=2, draws=1, views=1))  # the one-image protocol
+    assert [len(k.references) for k in one[0]] == [1, 1]
 
 
 def test_real_images_bound_scores_the_subject_not_the_scene(host, bench, shipped, evaluator):
