@@ -19,6 +19,11 @@ The evaluators (miniworld/evaluators.py) play DINO (identity embedding), CLIP-I 
 CLIP-T (here: the predicted probability of the prompt's scene, since the personalised prompts name the subject by a
 token the classifier cannot read). "attributes" is the share of images whose shape, colour and pattern are the
 subject's (the most literal subject-fidelity measure this world allows).
+
+The rows come from the method registry (miniworld/registry.py; one file per method in miniworld/rows/). `make eval`
+runs them on the reporting half of the held-out subjects (world.REPORTING_HALF; sweeps belong on world.TUNING_HALF)
+over several reference-view draws (``heldout_set(seed=draw)``), and reports each row's mean with a bootstrap interval
+over subjects and paired differences against the baseline rows (miniworld/stats.py, miniworld/report.py).
 """
 from __future__ import annotations
 
@@ -30,39 +35,22 @@ from pathlib import Path
 import torch
 
 from ..methods.hifi_tuner import REG_WEIGHT
-from . import world
+from . import registry, world
 from .evaluators import Evaluator
 
 log = logging.getLogger("comfyui_personalize")
 
 TOKEN = "sks"
-HIFI_ABLATIONS = {
-    "hifi": {},
-    "hifi-no-mask": {"use_mask": False},
-    "hifi-no-reg": {"use_regularisation": False},
-    "hifi-no-stepwise": {"use_stepwise": False},
-}
-METHODS = ("ti", "lora", *HIFI_ABLATIONS)
-#: the methods as a user runs them (default settings): what the "beats the base model" gate covers; the ablation
-#: rows are diagnostics, and one of them (no mask) is expected to fall to the floor
-GATED_METHODS = ("ti", "lora", "hifi")
-METHOD_TITLES = {
-    "real": "real images (world renders)",
-    "base-class": "base model, class word only",
-    "base-full": "base model, full description",
-    "ti": "Textual Inversion",
-    "lora": "DreamBooth-LoRA (rank 4)",
-    "hifi": "HiFi Tuner",
-    "hifi-no-mask": "HiFi Tuner, no mask",
-    "hifi-no-reg": "HiFi Tuner, no regularisation",
-    "hifi-no-stepwise": "HiFi Tuner, no step-wise",
-}
+METRICS = ("subject_fidelity", "image_similarity", "prompt_fidelity", "attributes")
 
 
 @dataclass
 class BenchConfig:
-    subjects: int = 6            # held-out subjects (spread over the held-out list)
-    seeds: int = 2               # images per (subject, prompt)
+    half: str = "reporting"      # which half of the held-out subjects (world.HALVES)
+    subjects: int = 12           # the first n subjects of the half (all 12 by default)
+    draws: int = 2               # reference-view draws per subject (heldout_set(seed=0..draws-1)): tuned anew each
+    views: int = world.REFERENCE_VIEWS  # k: reference images a method personalises from (1: the one-image protocol)
+    seeds: int = 2               # images per (subject, draw, prompt)
     sampler_steps: int = 20      # ddim / ddim_uniform: hits HiFi's step-wise timesteps exactly
     cfg: float = 5.0
     ti_steps: int = 300
@@ -80,13 +68,17 @@ class BenchConfig:
     hifi_lr: float = 2e-2
     hifi_reg_weight: float = REG_WEIGHT  # w_s of Eq. 6 (the node's reg_weight default)
     batch_size: int = 2
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] | None = None  # personalisation rows; None: the registry's default tuned rows
     seed: int = 0
+
+    def method_keys(self) -> tuple[str, ...]:
+        return tuple(self.methods) if self.methods is not None else registry.keys(tuned=True, default=True)
 
 
 @dataclass
 class Row:
     method: str
+    title: str
     subject_fidelity: float
     image_similarity: float
     prompt_fidelity: float
@@ -94,23 +86,8 @@ class Row:
     tune_seconds: float | None
     bytes_per_subject: int | None
     images: int
-    per_subject: list[float] = field(default_factory=list)  # subject fidelity per subject
-
-    @property
-    def title(self) -> str:
-        return METHOD_TITLES.get(self.method, self.method)
-
-
-@dataclass
-class Personalised:
-    """What a method hands to generation: the MODEL/CLIP to sample with, a prompt per scene, an optional
-    conditioning transform (HiFi), and its cost."""
-    model: object
-    clip: object
-    prompts: list[str]
-    seconds: float = 0.0
-    nbytes: int = 0
-    transform: object = None
+    #: metric -> one score per subject (mean over draws, prompts and seeds), in the subjects' order
+    per_subject: dict[str, list[float]] = field(default_factory=dict)
 
 
 def call(node_map: dict, class_type: str, **inputs):
@@ -121,128 +98,120 @@ def call(node_map: dict, class_type: str, **inputs):
         return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
-def pick_subjects(n: int) -> list[world.HeldoutSubject]:
-    """``n`` held-out subjects, every 7th of the held-out list, cyclically (7 is coprime to its 24 entries; the first
-    six mix all 4 patterns and 4 shapes). Deterministic."""
-    kits = world.heldout_set(seed=0)
-    n = max(1, min(n, len(kits)))
-    return [kits[(7 * i) % len(kits)] for i in range(n)]
+def pick_subjects(n: int, half: str = "reporting", draw: int = 0,
+                  views: int = world.REFERENCE_VIEWS) -> list[world.HeldoutSubject]:
+    """The first ``n`` subjects of a half (world.TUNING_HALF / world.REPORTING_HALF) with reference-view draw
+    ``draw`` of ``views`` references each. Deterministic."""
+    kits = world.heldout_half(half, seed=draw, views=views)
+    return list(kits[:max(1, min(n, len(kits)))])
+
+
+def pick_draws(cfg: BenchConfig) -> list[list[world.HeldoutSubject]]:
+    """The kits of every reference-view draw: the same subjects, draw ``d``'s references from heldout_set(seed=d)."""
+    return [pick_subjects(cfg.subjects, cfg.half, d, cfg.views) for d in range(max(1, cfg.draws))]
 
 
 class Benchmark:
-    """Runs the rows. ``node_map`` is ComfyUI's ``nodes.NODE_CLASS_MAPPINGS`` with the pack loaded."""
+    """Runs the rows. ``node_map`` is ComfyUI's ``nodes.NODE_CLASS_MAPPINGS`` with the pack loaded. The rows'
+    ``personalise(b, kit, index)`` functions (miniworld/rows/) use :meth:`call`, :meth:`references`,
+    :meth:`artifact_name` / :meth:`artifact`, :meth:`real_images`, ``cfg``, ``model`` / ``clip`` / ``vae`` and
+    ``token``."""
+
+    token = TOKEN
 
     def __init__(self, node_map: dict, model, clip, vae, evaluator: Evaluator, cfg: BenchConfig,
                  run_name: str = "bench") -> None:
         self.nodes, self.model, self.clip, self.vae = node_map, model, clip, vae
         self.evaluator, self.cfg, self.run_name = evaluator, cfg, run_name
+        self.draw = 0  # the reference-view draw being run (seeds of generation and of the real renders)
+
+    def call(self, class_type: str, **inputs):
+        return call(self.nodes, class_type, **inputs)
+
+    def references(self, kit: world.HeldoutSubject) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([r.image for r in kit.references]), torch.stack([r.mask for r in kit.references]))
+
+    def artifact_name(self, key: str, index: int) -> str:
+        return f"{self.run_name}_{key}_{index}"
+
+    @staticmethod
+    def artifact(folder: str, name: str) -> Path:
+        return _artifact(folder, name)
 
     # ---------------------------------------------------------------------------------------------- generation
 
-    def generate(self, p: Personalised, kit: world.HeldoutSubject) -> torch.Tensor:
+    def generate(self, p: registry.Personalised) -> torch.Tensor:
         """One image per (scene prompt, seed): IMAGE [len(prompts) * seeds, 64, 64, 3]."""
+        if p.images is not None:
+            return p.images
         return sample_captions(self.nodes, p.model, p.clip, self.vae, p.prompts, steps=self.cfg.sampler_steps,
-                               cfg=self.cfg.cfg, seed=self.cfg.seed * 1000, per_caption=self.cfg.seeds,
-                               transform=p.transform)
+                               cfg=self.cfg.cfg, seed=self.cfg.seed * 1000 + 100 * self.draw,
+                               per_caption=self.cfg.seeds, transform=p.transform)
 
     def real_images(self, kit: world.HeldoutSubject) -> torch.Tensor:
         scenes = [sc for sc in kit.scenes for _ in range(self.cfg.seeds)]
-        seeds = [10_000 + 97 * i + self.cfg.seed for i in range(len(scenes))]
+        seeds = [10_000 + 97 * i + self.cfg.seed + 1_000_003 * self.draw for i in range(len(scenes))]
         return world.render_batch([kit.subject] * len(scenes), scenes, seeds).images
 
-    # ---------------------------------------------------------------------------------------------- methods
-
-    def _references(self, kit: world.HeldoutSubject) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.stack([r.image for r in kit.references]), torch.stack([r.mask for r in kit.references]))
-
-    def personalise(self, method: str, kit: world.HeldoutSubject, index: int) -> Personalised:
-        c = self.cfg
-        if method == "base-class":
-            return Personalised(self.model, self.clip, list(kit.prompts))
-        if method == "base-full":
-            return Personalised(self.model, self.clip, [world.caption(kit.subject, sc) for sc in kit.scenes])
-        images, masks = self._references(kit)
-        name = f"{self.run_name}_{method}_{index}"
-        t0 = time.perf_counter()
-        if method == "ti":
-            clip, _emb, _loss, _prev = call(
-                self.nodes, "PersonalizeTrainSubjectEmbedding", model=self.model, clip=self.clip, vae=self.vae,
-                images=images, placeholder=TOKEN, init_word=kit.class_word, steps=c.ti_steps,
-                learning_rate=c.ti_lr, batch_size=c.ti_batch_size, seed=c.seed + index, embedding_name=name,
-                overwrite=True, mask=masks)
-            path = _artifact("embeddings", name)
-            prompts = [world.class_prompt(TOKEN, sc) for sc in kit.scenes]
-            return Personalised(self.model, clip, prompts, time.perf_counter() - t0, path.stat().st_size)
-        if method == "lora":
-            model, clip, lora_name, _loss, _prev = call(
-                self.nodes, "PersonalizeTrainSubjectLoRA", model=self.model, clip=self.clip, vae=self.vae,
-                images=images, instance_prompt=f"a photo of a {TOKEN} {kit.class_word}",
-                rank=c.lora_rank, steps=c.lora_steps, learning_rate=c.lora_lr, batch_size=c.batch_size,
-                seed=c.seed + index, layers="attention", train_text_encoder=False, lora_name=name, overwrite=True,
-                mask=masks)
-            path = _artifact("loras", lora_name)
-            return Personalised(model, clip, list(kit.prompts_with(TOKEN)), time.perf_counter() - t0,
-                                path.stat().st_size)
-        if method in HIFI_ABLATIONS:
-            switches = {"use_mask": True, "use_regularisation": True, "use_stepwise": True, **HIFI_ABLATIONS[method]}
-            subject, _loss, file_name = call(
-                self.nodes, "PersonalizeHiFiSubjectTune", model=self.model, clip=self.clip, vae=self.vae,
-                images=images, caption=f"a photo of {world.article(kit.class_word)} {kit.class_word}",
-                n_tokens=5, global_steps=c.hifi_global_steps, steps_per_step=c.hifi_steps_per_step,
-                sampling_steps=c.sampler_steps, learning_rate=c.hifi_lr, reg_weight=c.hifi_reg_weight, seed=c.seed + index,
-                subject_name=name, overwrite=True, mask=masks, batch_size=c.batch_size, **switches)
-            seconds = time.perf_counter() - t0
-            path = _artifact("personalize_subjects", file_name)
-
-            def transform(conditioning, _subject=subject, _stepwise=switches["use_stepwise"]):
-                return call(self.nodes, "PersonalizeHiFiSubjectConditioning", conditioning=conditioning,
-                            subject=_subject, use_stepwise=_stepwise)[0]
-
-            return Personalised(self.model, self.clip, list(kit.prompts), seconds, path.stat().st_size, transform)
-        raise ValueError(f"unknown method {method!r}; known: real, base-class, base-full, {', '.join(METHODS)}")
+    def personalise(self, method: str, kit: world.HeldoutSubject, index: int) -> registry.Personalised:
+        """Row ``method``'s personalisation of ``kit``; ``index`` offsets its training seed (subject position
+        + 100 x draw)."""
+        return registry.get(method).personalise(self, kit, index)
 
     # ---------------------------------------------------------------------------------------------- scoring
 
-    def score(self, method: str, images: list[torch.Tensor], kits: list[world.HeldoutSubject],
-              seconds: list[float], nbytes: list[int]) -> Row:
-        fid, sim, pf, attr, per = [], [], [], [], []
-        for imgs, kit in zip(images, kits):
-            refs, _ = self._references(kit)
-            f = self.evaluator.subject_fidelity(imgs, refs)
-            fid.append(f)
-            per.append(float(f.mean()))
-            sim.append(self.evaluator.image_similarity(imgs, refs))
-            scene_prompts = [p for p in kit.prompts for _ in range(self.cfg.seeds)]
-            pf.append(self.evaluator.prompt_fidelity(imgs, scene_prompts, attributes=("scene",)))
-            out = self.evaluator.classify(imgs)
-            s = kit.subject
-            attr.append(torch.tensor([out["shape"].labels[i] == s.shape and out["colour"].labels[i] == s.colour
-                                      and out["pattern"].labels[i] == s.pattern for i in range(len(imgs))],
-                                     dtype=torch.float32))
-        mean = lambda xs: float(torch.cat(xs).mean())  # noqa: E731
-        return Row(method, mean(fid), mean(sim), mean(pf), mean(attr),
-                   sum(seconds) / len(seconds) if seconds else None,
-                   int(sum(nbytes) / len(nbytes)) if nbytes else None, sum(len(i) for i in images), per)
+    def score_cell(self, images: torch.Tensor, kit: world.HeldoutSubject) -> dict[str, torch.Tensor]:
+        """Per-image scores of one (subject, draw): metric -> [n] tensor."""
+        refs, _ = self.references(kit)
+        scene_prompts = [p for p in kit.prompts for _ in range(self.cfg.seeds)]
+        out = self.evaluator.classify(images)
+        s = kit.subject
+        right = [out["shape"].labels[i] == s.shape and out["colour"].labels[i] == s.colour
+                 and out["pattern"].labels[i] == s.pattern for i in range(len(images))]
+        return {"subject_fidelity": self.evaluator.subject_fidelity(images, refs).float(),
+                "image_similarity": self.evaluator.image_similarity(images, refs).float(),
+                "prompt_fidelity": self.evaluator.prompt_fidelity(images, scene_prompts, attributes=("scene",)).float(),
+                "attributes": torch.tensor(right, dtype=torch.float32)}
 
-    def run(self, methods: tuple[str, ...] | None = None, kits: list[world.HeldoutSubject] | None = None) -> list[Row]:
-        kits = kits or pick_subjects(self.cfg.subjects)
-        methods = methods or ("real", "base-class", "base-full", *self.cfg.methods)
+    def score(self, method: str, images: list[list[torch.Tensor]], draws: list[list[world.HeldoutSubject]],
+              seconds: list[float], nbytes: list[int]) -> Row:
+        """``images[d][i]``: the images of subject ``i`` in draw ``d``. A subject's score is the mean over its
+        draws' images; the row's, the mean over subjects (every cell has as many images)."""
+        n = len(draws[0])
+        cells = [[self.score_cell(images[d][i], draws[d][i]) for i in range(n)] for d in range(len(draws))]
+        per_subject = {m: [float(torch.cat([cells[d][i][m] for d in range(len(draws))]).mean()) for i in range(n)]
+                       for m in METRICS}
+        means = {m: sum(v) / n for m, v in per_subject.items()}
+        entry = registry.get(method)
+        tuned = entry.tuned and bool(seconds)
+        return Row(method, entry.title, **means,
+                   tune_seconds=sum(seconds) / len(seconds) if tuned else None,
+                   bytes_per_subject=int(sum(nbytes) / len(nbytes)) if tuned else 0,
+                   images=sum(len(x) for row in images for x in row), per_subject=per_subject)
+
+    def run(self, methods: tuple[str, ...] | None = None,
+            draws: list[list[world.HeldoutSubject]] | None = None) -> list[Row]:
+        """Every row of ``methods`` (default: the registry's bounds, then the config's methods) on every subject of
+        every draw."""
+        draws = draws or pick_draws(self.cfg)
+        if methods is None:
+            methods = (*registry.keys(tuned=False, default=True), *self.cfg.method_keys())
         rows = []
         for method in methods:
+            entry = registry.get(method)
             t0 = time.perf_counter()
             images, seconds, nbytes = [], [], []
-            for i, kit in enumerate(kits):
-                if method == "real":
-                    images.append(self.real_images(kit))
-                    continue
-                p = self.personalise(method, kit, i)
-                images.append(self.generate(p, kit))
-                if method not in ("base-class", "base-full"):
-                    seconds.append(p.seconds)
-                    nbytes.append(p.nbytes)
-            row = self.score(method, images, kits, seconds, nbytes)
-            if method in ("real", "base-class", "base-full"):
-                row.tune_seconds, row.bytes_per_subject = None, 0
+            for d, kits in enumerate(draws):
+                self.draw = d
+                images.append([])
+                for i, kit in enumerate(kits):
+                    p = self.personalise(method, kit, i + 100 * d)
+                    images[-1].append(self.generate(p))
+                    if entry.tuned:
+                        seconds.append(p.seconds)
+                        nbytes.append(p.nbytes)
+            self.draw = 0
+            row = self.score(method, images, draws, seconds, nbytes)
             rows.append(row)
             log.info("%s: subject fidelity %.3f (%.0f s)", row.title, row.subject_fidelity, time.perf_counter() - t0)
         return rows
@@ -325,20 +294,7 @@ def _artifact(folder: str, name: str) -> Path:
     raise FileNotFoundError(f"{name} not found in the {folder!r} model folders")
 
 
-def format_table(rows: list[Row], cfg: BenchConfig, kits: int) -> str:
-    head = ("| method | subject fidelity (DINO analog) | image similarity (CLIP-I analog) | prompt fidelity "
-            "(CLIP-T analog, scene) | attributes right | tuning s / subject | bytes / subject |")
-    lines = [head, "|" + "---|" * 7]
-    for r in rows:
-        t = "-" if r.tune_seconds is None else f"{r.tune_seconds:.1f}"
-        b = "0" if not r.bytes_per_subject else f"{r.bytes_per_subject:,}"
-        lines.append(f"| {r.title} | {r.subject_fidelity:.3f} | {r.image_similarity:.3f} | {r.prompt_fidelity:.3f} "
-                     f"| {100 * r.attributes:.1f} % | {t} | {b} |")
-    lines.append(f"\n{kits} held-out subjects x {len(world.SCENES)} scene prompts x {cfg.seeds} seeds per row; "
-                 f"ddim / ddim_uniform, {cfg.sampler_steps} steps, cfg {cfg.cfg}.")
-    return "\n".join(lines)
-
-
 def quick_config(cfg: BenchConfig | None = None) -> BenchConfig:
-    """The short version CI runs: 2 subjects, 1 seed, Textual Inversion, DreamBooth-LoRA and HiFi Tuner."""
-    return replace(cfg or BenchConfig(), subjects=2, seeds=1, methods=GATED_METHODS)
+    """The short version CI runs: the first 2 subjects of the tuning half, one draw, 1 seed, the gated rows
+    (Textual Inversion, DreamBooth-LoRA, HiFi Tuner)."""
+    return replace(cfg or BenchConfig(), half="tuning", subjects=2, draws=1, seeds=1, methods=registry.keys(gated=True))

@@ -26,13 +26,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import world
+from . import distributed, world
 
 log = logging.getLogger("comfyui_personalize")
 
@@ -67,58 +66,19 @@ class FamilyTrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Distributed helpers (no-ops in a single process).
+# Distributed: the helpers live in miniworld/distributed.py (shared with scripts/train_evaluators.py).
 
 def dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return distributed.rank_and_world()
 
 
 def init_distributed() -> bool:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1 in the environment).
-
-    nccl with one GPU per rank (``LOCAL_RANK``) when ComfyUI runs on CUDA and this node has a GPU for each local
-    rank; otherwise gloo (CPU, or more ranks than GPUs: gloo all-reduces CUDA tensors too)."""
-    import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        import comfy.model_management as mm
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        on_cuda = mm.get_torch_device().type == "cuda"
-        nccl = on_cuda and dist.is_nccl_available() and torch.cuda.device_count() >= local_world
-        if nccl:
-            torch.cuda.set_device(local_rank)  # ComfyUI's get_torch_device() follows the current device
-        dist.init_process_group("nccl" if nccl else "gloo")
-        return True
-    return False
-
-
-def _collective_device() -> torch.device:
-    """Where small all-reduce tensors must live: the rank's GPU under nccl, else the CPU."""
-    import torch.distributed as dist
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def wrap(module: torch.nn.Module) -> torch.nn.Module:
-    """DistributedDataParallel around ``module`` when a process group exists."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(module, find_unused_parameters=False)
-    return module
-
-
-def _mean_across_ranks(value: float) -> float:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(t)
-        return float(t) / dist.get_world_size()
-    return value
+    """Join the process group when launched by torchrun (miniworld/distributed.py): nccl when ComfyUI runs on CUDA
+    and every local rank has a GPU, else gloo."""
+    if not distributed.launched_by_torchrun():
+        return False
+    import comfy.model_management as mm
+    return distributed.init(cuda=mm.get_torch_device().type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,7 +172,7 @@ def train_vae(vae, cfg: FamilyTrainConfig, generator: torch.Generator, progress=
     ae = vae.first_stage_model
     device = _vae_device(vae)
     ae.to(device).train().float().requires_grad_(True)
-    trainer = wrap(_VAETrainer(ae))
+    trainer = distributed.wrap(_VAETrainer(ae))
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     losses, t0 = [], time.perf_counter()
     pool = None
@@ -286,7 +246,8 @@ def reconstruction_psnr(vae, images: torch.Tensor) -> float:
 
 def latent_scale(means: torch.Tensor) -> float:
     """The latent format's scale factor: 1/std of the posterior means (across ranks)."""
-    var = _mean_across_ranks(float(means.float().pow(2).mean())) - _mean_across_ranks(float(means.float().mean())) ** 2
+    mean = distributed.mean_across_ranks
+    var = mean(float(means.float().pow(2).mean())) - mean(float(means.float().mean())) ** 2
     return 1.0 / math.sqrt(max(var, 1e-12))
 
 
@@ -352,7 +313,7 @@ def train_diffusion(model, clip, latents: torch.Tensor, subjects, scenes, cfg: F
         weights = None if masks is None else subject_loss_weights(masks, tuple(latents.shape[-2:]),
                                                                   cfg.diffusion_subject_weight)
         objective = DiffusionObjective(s.model, latents, weights, generator)
-        trainer = wrap(_DiffusionTrainer(objective, unet, text, cfg.diffusion_snr_gamma))
+        trainer = distributed.wrap(_DiffusionTrainer(objective, unet, text, cfg.diffusion_snr_gamma))
         params = [p for p in list(unet.diffusion_model.parameters()) + list(text.parameters()) if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.diffusion_lr, weight_decay=0.01, foreach=True)
         tokenizer, token_cache = clip.tokenizer, {}
@@ -399,21 +360,6 @@ def token_ids_of_world(clip) -> torch.Tensor:
         for tok, _w in clip.tokenize(t)["l"][0]:
             ids.add(int(tok))
     return torch.tensor(sorted(ids), dtype=torch.int64)
-
-
-def check_replicas_identical(*modules: torch.nn.Module) -> None:
-    """Under DDP every rank must end with the same weights: compare a float64 checksum of all parameters across
-    ranks (min == max after all-reduce) and raise if they differ."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    total = sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum())
-                for m in modules for p in m.parameters())
-    lo, hi = (torch.tensor([total], dtype=torch.float64, device=_collective_device()) for _ in range(2))
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if float(lo) != float(hi):
-        raise RuntimeError(f"DDP replicas diverged: parameter checksums {float(lo)!r} .. {float(hi)!r}")
 
 
 def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None = None, on_vae_trained=None,
@@ -472,7 +418,7 @@ def train_family(cfg: FamilyTrainConfig, progress=None, vae_state: dict | None =
 
     diff_losses = train_diffusion(model, clip, means, subjects, scenes, cfg, generator, progress_and_checkpoint,
                                   masks=masks)
-    check_replicas_identical(model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)
+    distributed.check_replicas_identical(model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)
     report = {"config": asdict(cfg), "world_size": world_size, "vae_seconds": round(t_vae, 1),
               "vae_psnr_db": round(psnr, 2), "vae_reused": vae_state is not None,
               "diffusion_continued": init_state is not None,

@@ -26,16 +26,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.nn.parallel import DistributedDataParallel
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / ".pythonpath") not in sys.path:  # `harness` only, never the repo root (see harness/__init__.py)
     sys.path.insert(0, str(ROOT / ".pythonpath"))
 __import__("harness").pack_package()  # the pack as the package comfyui_personalize (no ComfyUI needed)
 
+from comfyui_personalize.miniworld import distributed  # noqa: E402
 from comfyui_personalize.miniworld import (  # noqa: E402
     PATTERNS,
     SCENES,
@@ -159,7 +158,8 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, log_every: int = 0) -> TrainResult:
     """Train the evaluator network; with ``world_size > 1`` the default process group must be initialised and
-    the model is wrapped in DDP. Each rank renders its own share of the pool and draws its own batches.
+    the model is wrapped in DDP (miniworld/distributed.py). Each rank renders its own share of the pool and draws
+    its own batches.
 
     Returns the (unwrapped) network in eval mode and this rank's per-step losses.
     """
@@ -175,7 +175,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, log_every: int =
         log.info("rank %d: rendered %d pool images in %.1f s", rank, pool_images.shape[0] * 2,
                  time.perf_counter() - t0)
 
-    model = DistributedDataParallel(net) if world_size > 1 else net
+    model = distributed.wrap(net) if world_size > 1 else net
     optimiser = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _lr_factor(step, cfg))
     pairs = cfg.batch_size // (2 * world_size)
@@ -341,15 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(evaluate(load_evaluator(args.out))))
         return 0
 
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, pool_pairs=args.pool_pairs, lr=args.lr,
                       seed=args.seed)
     start = time.perf_counter()
-    try:
+    with distributed.process_group() as (rank, world_size):  # gloo under torchrun: the evaluators train on the CPU
         result = train(cfg, rank, world_size, log_every=args.log_every)
+        distributed.check_replicas_identical(result.net)
         if rank == 0:
             state = round_to_fp16(result.net)
             metrics = evaluate(Evaluator(result.net))
@@ -357,9 +354,6 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(metrics))
             print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB, sha256 {digest[:16]}…) "
                   f"in {time.perf_counter() - start:.0f} s")
-    finally:
-        if distributed:
-            dist.destroy_process_group()
     return 0
 
 

@@ -1,0 +1,155 @@
+"""`make eval`'s report (scripts/eval_methods.py): the table with 95 % bootstrap intervals over subjects, the paired
+differences against the baseline rows, the floor gate, the JSON and the per-subject plot. Plain data in, text and
+files out; the intervals come from miniworld/stats.py."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import registry, stats, world
+
+LEVEL = 0.95
+
+
+def intervals(rows, metric: str = "subject_fidelity", level: float = LEVEL) -> dict[str, stats.Interval]:
+    return {r.method: stats.bootstrap(r.per_subject[metric], level) for r in rows}
+
+
+def paired(rows, metric: str = "subject_fidelity", level: float = LEVEL) -> dict[tuple[str, str], stats.Interval]:
+    """(row, baseline) -> interval of mean(row - baseline) over subjects, for every tuned row against every
+    registered baseline row present (other than itself)."""
+    by_key = {r.method: r for r in rows}
+    baselines = [k for k in registry.keys(baseline=True) if k in by_key]
+    out = {}
+    for r in rows:
+        if not registry.get(r.method).tuned:
+            continue
+        for b in baselines:
+            if b != r.method:
+                out[(r.method, b)] = stats.paired_difference(r.per_subject[metric], by_key[b].per_subject[metric],
+                                                             level)
+    return out
+
+
+def below_floor(rows) -> list:
+    """Gated rows (methods at their defaults) whose subject fidelity is not above the floor row's."""
+    floor = next((r for r in rows if registry.get(r.method).floor), None)
+    if floor is None:
+        return []
+    return [r for r in rows if registry.get(r.method).gated and r.subject_fidelity <= floor.subject_fidelity]
+
+
+def format_table(rows, cfg, subjects: list[str]) -> str:
+    fid, pf = intervals(rows, "subject_fidelity"), intervals(rows, "prompt_fidelity")
+    head = ("| method | subject fidelity (DINO analog) [95 % CI] | image similarity (CLIP-I analog) | prompt fidelity "
+            "(CLIP-T analog, scene) [95 % CI] | attributes right | tuning s / subject | bytes / subject |")
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        t = "-" if r.tune_seconds is None else f"{r.tune_seconds:.1f}"
+        b = "0" if not r.bytes_per_subject else f"{r.bytes_per_subject:,}"
+        lines.append(f"| {r.title} | {fid[r.method]} | {r.image_similarity:.3f} | {pf[r.method]} "
+                     f"| {100 * r.attributes:.1f} % | {t} | {b} |")
+    lines.append(f"\n{len(subjects)} held-out subjects ({cfg.half} half: {', '.join(subjects)}) x {cfg.draws} "
+                 f"reference-view draw(s) of {cfg.views} image(s) x {len(world.SCENES)} scene prompts x {cfg.seeds} "
+                 f"seed(s) per row; ddim / ddim_uniform, {cfg.sampler_steps} steps, cfg {cfg.cfg}. Intervals: "
+                 f"percentile bootstrap over subjects ({stats.DEFAULT_RESAMPLES} resamples, "
+                 f"seed {stats.DEFAULT_SEED}).")
+    return "\n".join(lines)
+
+
+def format_paired(rows, metric: str = "subject_fidelity") -> str:
+    """Rows x baselines: mean difference [95 % CI] on the same subjects, draws, prompts and seeds; * where the
+    interval excludes 0."""
+    diffs = paired(rows, metric)
+    if not diffs:
+        return ""
+    titles = {r.method: r.title for r in rows}
+    baselines = list(dict.fromkeys(b for _, b in diffs))
+    lines = [f"Paired differences in {metric.replace('_', ' ')} (row - column; * : the 95 % interval excludes 0)",
+             "", "| method | " + " | ".join(f"- {titles[b]}" for b in baselines) + " |",
+             "|" + "---|" * (len(baselines) + 1)]
+    for m in dict.fromkeys(a for a, _ in diffs):
+        cells = []
+        for b in baselines:
+            d = diffs.get((m, b))
+            cells.append("" if d is None else f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+                         + (" *" if d.excludes_zero else ""))
+        lines.append(f"| {titles[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_json(rows, cfg_dict: dict, subjects: list[str], header: dict) -> dict:
+    metrics = ("subject_fidelity", "prompt_fidelity")
+    return {
+        "header": header, "config": cfg_dict, "subjects": subjects,
+        "rows": [{**{k: v for k, v in vars(r).items()},
+                  "interval": {m: vars(stats.bootstrap(r.per_subject[m], LEVEL)) for m in metrics}} for r in rows],
+        "paired": [{"metric": m, "row": a, "baseline": b, **vars(d)}
+                   for m in metrics for (a, b), d in paired(rows, m).items()],
+    }
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: dict) -> None:
+    atomic_write(path, json.dumps(payload, indent=1).encode())
+
+
+_PALETTE = [(0, 0, 0), (150, 150, 150), (230, 159, 0), (86, 180, 233), (0, 158, 115), (213, 94, 0),
+            (0, 114, 178), (204, 121, 167), (240, 228, 66), (120, 60, 20), (100, 0, 160), (0, 90, 60)]
+
+
+def plot_per_subject(rows, subjects: list[str], path: Path, metric: str = "subject_fidelity") -> None:
+    """A PNG (PIL only): one column per subject, one coloured marker per row at its score, rows joined by thin lines
+    so a method's wins and losses against the others read across the subjects; legend below."""
+    from PIL import Image, ImageDraw
+
+    n = len(subjects)
+    left, top, col, height = 60, 30, 70, 300
+    width = left + col * n + 20
+    legend_h = 18 * len(rows) + 10
+    label_h = 90
+    img = Image.new("RGB", (width, top + height + label_h + legend_h), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = -0.2, 1.0
+
+    def y(v: float) -> float:
+        return top + (hi - min(max(v, lo), hi)) / (hi - lo) * height
+
+    d.text((left, 8), f"{metric.replace('_', ' ')} per subject (mean over draws, prompts, seeds)", fill="black")
+    for tick in (-0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        d.line([(left, y(tick)), (width - 20, y(tick))], fill=(225, 225, 225) if tick else (160, 160, 160))
+        d.text((8, y(tick) - 6), f"{tick:+.1f}", fill="black")
+    for i, name in enumerate(subjects):
+        x = left + col * i + col // 2
+        d.line([(x, top), (x, top + height)], fill=(240, 240, 240))
+        for k, word in enumerate(name.split()):
+            d.text((x - 3 * len(word), top + height + 6 + 12 * k), word, fill="black")
+    for j, r in enumerate(rows):
+        colour = _PALETTE[j % len(_PALETTE)]
+        pts = [(left + col * i + col // 2 + (j - len(rows) / 2) * 3, y(v))
+               for i, v in enumerate(r.per_subject[metric])]
+        d.line(pts, fill=colour, width=1)
+        for px, py in pts:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        ly = top + height + label_h + 18 * j
+        d.rectangle([left, ly + 2, left + 10, ly + 12], fill=colour)
+        d.text((left + 16, ly), f"{r.title}: {getattr(r, metric):.3f}", fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write(path, buf.getvalue())

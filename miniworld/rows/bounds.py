@@ -1,0 +1,22 @@
+"""The bounds and the words-only baseline: the world's own renders (ceiling), the base model with the class word
+(floor) and with the full description (what words alone achieve; held-out subjects are novel combinations of seen
+attributes)."""
+from __future__ import annotations
+
+from .. import world
+from ..registry import Personalised, register
+
+
+@register("real", "real images (world renders)", order=10, tuned=False)
+def real(b, kit, index):
+    return Personalised(images=b.real_images(kit))
+
+
+@register("base-class", "base model, class word only", order=20, tuned=False, floor=True)
+def base_class(b, kit, index):
+    return Personalised(b.model, b.clip, list(kit.prompts))
+
+
+@register("base-full", "base model, full description", order=30, tuned=False, baseline=True)
+def base_full(b, kit, index):
+    return Personalised(b.model, b.clip, [world.caption(kit.subject, sc) for sc in kit.scenes])

@@ -1,0 +1,41 @@
+"""HiFi Tuner (Wang et al. 2023) through HiFi Subject Tune + HiFi Subject Conditioning, and its ablation rows
+(diagnostics: one of them, no mask, is expected to fall to the floor, so they are not gated)."""
+from __future__ import annotations
+
+import functools
+import time
+
+from .. import world
+from ..registry import Personalised, register
+
+
+def hifi(b, kit, index, *, key: str, use_mask: bool = True, use_regularisation: bool = True,
+         use_stepwise: bool = True):
+    c = b.cfg
+    images, masks = b.references(kit)
+    t0 = time.perf_counter()
+    subject, _loss, file_name = b.call(
+        "PersonalizeHiFiSubjectTune", model=b.model, clip=b.clip, vae=b.vae, images=images,
+        caption=f"a photo of {world.article(kit.class_word)} {kit.class_word}", n_tokens=5,
+        global_steps=c.hifi_global_steps, steps_per_step=c.hifi_steps_per_step, sampling_steps=c.sampler_steps,
+        learning_rate=c.hifi_lr, reg_weight=c.hifi_reg_weight, seed=c.seed + index,
+        subject_name=b.artifact_name(key, index), overwrite=True, mask=masks, batch_size=c.batch_size,
+        use_mask=use_mask, use_regularisation=use_regularisation, use_stepwise=use_stepwise)
+    seconds = time.perf_counter() - t0
+
+    def transform(conditioning):
+        return b.call("PersonalizeHiFiSubjectConditioning", conditioning=conditioning, subject=subject,
+                      use_stepwise=use_stepwise)[0]
+
+    return Personalised(b.model, b.clip, list(kit.prompts), seconds,
+                        b.artifact("personalize_subjects", file_name).stat().st_size, transform)
+
+
+for _order, _key, _title, _switches in (
+        (60, "hifi", "HiFi Tuner", {}),
+        (61, "hifi-no-mask", "HiFi Tuner, no mask", {"use_mask": False}),
+        (62, "hifi-no-reg", "HiFi Tuner, no regularisation", {"use_regularisation": False}),
+        (63, "hifi-no-stepwise", "HiFi Tuner, no step-wise", {"use_stepwise": False})):
+    register(_key, _title, order=_order, gated=_key == "hifi",
+             bench=("bench/bench_hifi.py",) if _key == "hifi" else ())(
+        functools.partial(hifi, key=_key, **_switches))
