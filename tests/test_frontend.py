@@ -40,7 +40,7 @@ def _unavailable(reason: str):
 
 
 @pytest.fixture(scope="module", params=["pinned", "newest"])
-def frontend(request, host, comfy_dirs, ckpt_sd15, ckpt_mini, demo_subject_folder):
+def frontend(request, host, comfy_dirs, ckpt_sd15, demo_subject_folder):
     """A server on the chosen frontend and a Chromium page with the app open."""
     from harness.server import ComfyServer
 
@@ -59,7 +59,7 @@ def frontend(request, host, comfy_dirs, ckpt_sd15, ckpt_mini, demo_subject_folde
         mini_link.symlink_to(shipped_mini)
     server = ComfyServer(host.path, custom_nodes_dir=host.custom_nodes_dir, models_dir=comfy_dirs["models"],
                          output_dir=comfy_dirs["output"], input_dir=comfy_dirs["input"],
-                         extra_args=fe.server_args(static))
+                         extra_args=fe.server_args(static), startup_timeout=300)
     server.start()
     pw = sync_playwright().start()
     browser = None
