@@ -34,11 +34,9 @@ class LoRAResult:
 def train_lora(model, clip, vae, images: torch.Tensor, *, instance_prompt: str, rank: int, layers: str,
                train_text_encoder: bool, config: TuningConfig | None = None, lora_name: str,
                masks: torch.Tensor | None = None, class_prompt: str = "", class_images: torch.Tensor | None = None,
-               prior_loss_weight: float = 1.0, alpha: float | None = None, overwrite: bool = False, node_id=None,
-               cfg: TuningConfig | None = None) -> LoRAResult:
-    """Train the LoRA; ``config`` holds steps, learning rate, batch size, seed, precision. (``cfg`` is the
-    keyword nodes/training.py passes the config under until it passes ``config``.)"""
-    config = config if config is not None else cfg
+               prior_loss_weight: float = 1.0, alpha: float | None = None, overwrite: bool = False,
+               node_id=None) -> LoRAResult:
+    """Train the LoRA; ``config`` holds steps, learning rate, batch size, seed, precision."""
     family = host.require_family(NODE, model, clip)
     config.validate(NODE)
     if layers not in LAYER_CHOICES:

@@ -254,7 +254,7 @@ def learn_subject(model, clip, vae, images: torch.Tensor, masks: torch.Tensor | 
                   sampling_steps: int = 50, lr: float = 5e-3, reg_weight: float = REG_WEIGHT, use_mask: bool = True,
                   use_reg: bool = True, use_stepwise: bool = True, seed: int = 0, batch_size: int = 1,
                   gradient_checkpointing: bool = False, mixed_precision: str = "auto", save_as: str | None = None,
-                  overwrite: bool = False, node_id=None, steps_per_step: int | None = None) -> HiFiSubject:
+                  overwrite: bool = False, node_id=None) -> HiFiSubject:
     """Learn a HiFi Tuner subject representation (§3.2, Algorithm 1) on a frozen MODEL and text encoder.
 
     Phase 1 optimises ``c_s`` for ``global_steps`` with ``t ~ U{0..999}``; phase 2 (``use_stepwise``) walks the
@@ -263,10 +263,8 @@ def learn_subject(model, clip, vae, images: torch.Tensor, masks: torch.Tensor | 
     Eq. 5's mask and Eq. 6's regulariser off (the paper's ablation). The phases run on :func:`core.tuning.run_loop`
     (one ProgressBar, interruption and non-finite losses checked every step). ``save_as`` names a file in
     ``personalize_subjects``; every check (family, settings, masks, caption length, existing file) happens before
-    any work. (``steps_per_step`` is the node input's name for ``steps_per_timestep``, accepted as a keyword.)
+    any work. (The node's input ``steps_per_step`` is ``steps_per_timestep`` here.)
     """
-    if steps_per_step is not None:
-        steps_per_timestep = steps_per_step
     family = host.require_family(NODE, model, clip, supported=SUPPORTED)
     config = TuningConfig(steps=max(1, global_steps), learning_rate=lr, batch_size=batch_size, seed=seed,
                           gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision)

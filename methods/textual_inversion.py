@@ -35,11 +35,9 @@ class TextualInversionResult:
 
 def train_textual_inversion(model, clip, vae, images: torch.Tensor, *, placeholder: str, init_word: str,
                             config: TuningConfig | None = None, embedding_name: str,
-                            masks: torch.Tensor | None = None, overwrite: bool = False, node_id=None,
-                            cfg: TuningConfig | None = None) -> TextualInversionResult:
-    """Train the placeholder's embedding; ``config`` holds steps, learning rate, batch size, seed, precision.
-    (``cfg`` is the keyword nodes/training.py passes the config under until it passes ``config``.)"""
-    config = config if config is not None else cfg
+                            masks: torch.Tensor | None = None, overwrite: bool = False,
+                            node_id=None) -> TextualInversionResult:
+    """Train the placeholder's embedding; ``config`` holds steps, learning rate, batch size, seed, precision."""
     family = host.require_family(NODE, model, clip)
     config.validate(NODE)
     path = artifacts.target_path("embeddings", embedding_name)

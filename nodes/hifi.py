@@ -89,7 +89,7 @@ class HiFiSubjectTune(io.ComfyNode):
         check_file_name(hifi_tuner.NODE, "subject_name", subject_name)
         subject = hifi_tuner.learn_subject(
             model, clip, vae, images, mask, caption, n_tokens=n_tokens, global_steps=global_steps,
-            steps_per_step=steps_per_step, sampling_steps=sampling_steps, lr=learning_rate, reg_weight=reg_weight,
+            steps_per_timestep=steps_per_step, sampling_steps=sampling_steps, lr=learning_rate, reg_weight=reg_weight,
             use_mask=use_mask, use_reg=use_regularisation, use_stepwise=use_stepwise, seed=seed,
             batch_size=batch_size, gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
             save_as=subject_name, overwrite=overwrite, node_id=S.node_id(cls))

@@ -5,9 +5,8 @@ from comfy_api.v0_0_2 import io
 
 from ..core import host, textual
 from ..core.inputs import check_file_name
-from ..core.tuning import TuningConfig
+from ..core.tuning import TuningConfig, decode_previews
 from ..methods import dreambooth_lora, textual_inversion
-from ..methods.common import decode_previews
 from . import sockets as S
 
 
@@ -73,9 +72,9 @@ class TrainSubjectEmbedding(io.ComfyNode):
         embedding_name = textual.check_embedding_name(node, embedding_name)
         check_file_name(node, "embedding_name", embedding_name)
         textual.check_placeholder(node, clip, placeholder, init_word)
-        cfg = _config(steps, learning_rate, batch_size, seed, gradient_checkpointing, mixed_precision, preview_every)
+        config = _config(steps, learning_rate, batch_size, seed, gradient_checkpointing, mixed_precision, preview_every)
         r = textual_inversion.train_textual_inversion(
-            model, clip, vae, images, placeholder=placeholder, init_word=init_word, cfg=cfg,
+            model, clip, vae, images, placeholder=placeholder, init_word=init_word, config=config,
             embedding_name=embedding_name, masks=mask, overwrite=overwrite, node_id=S.node_id(cls))
         return io.NodeOutput(r.clip, f"embedding:{r.path.stem}", r.tuning.loss_map(), decode_previews(vae, r.tuning))
 
@@ -133,10 +132,10 @@ class TrainSubjectLoRA(io.ComfyNode):
                 mixed_precision="auto", preview_every=0, class_prompt="", class_images=None, prior_loss_weight=1.0,
                 alpha=0.0) -> io.NodeOutput:
         check_file_name(dreambooth_lora.NODE, "lora_name", lora_name)
-        cfg = _config(steps, learning_rate, batch_size, seed, gradient_checkpointing, mixed_precision, preview_every)
+        config = _config(steps, learning_rate, batch_size, seed, gradient_checkpointing, mixed_precision, preview_every)
         r = dreambooth_lora.train_lora(
             model, clip, vae, images, instance_prompt=instance_prompt, rank=rank, layers=layers,
-            train_text_encoder=train_text_encoder, cfg=cfg, lora_name=lora_name, masks=mask,
+            train_text_encoder=train_text_encoder, config=config, lora_name=lora_name, masks=mask,
             class_prompt=class_prompt, class_images=class_images, prior_loss_weight=prior_loss_weight,
             alpha=alpha or None, overwrite=overwrite, node_id=S.node_id(cls))
         return io.NodeOutput(r.model, r.clip, r.path.name, r.tuning.loss_map(), decode_previews(vae, r.tuning))
