@@ -121,7 +121,7 @@ def plot_per_subject(rows, subjects: list[str], path: Path, metric: str = "subje
 
     n = len(subjects)
     left, top, col, height = 60, 30, 70, 300
-    width = left + col * n + 20
+    width = max(left + col * n + 20, 460)  # room for the title and the legend
     legend_h = 18 * len(rows) + 10
     label_h = 90
     img = Image.new("RGB", (width, top + height + label_h + legend_h), "white")
@@ -133,7 +133,7 @@ def plot_per_subject(rows, subjects: list[str], path: Path, metric: str = "subje
 
     d.text((left, 8), f"{metric.replace('_', ' ')} per subject (mean over draws, prompts, seeds)", fill="black")
     for tick in (-0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        d.line([(left, y(tick)), (width - 20, y(tick))], fill=(225, 225, 225) if tick else (160, 160, 160))
+        d.line([(left, y(tick)), (left + col * n, y(tick))], fill=(225, 225, 225) if tick else (160, 160, 160))
         d.text((8, y(tick) - 6), f"{tick:+.1f}", fill="black")
     for i, name in enumerate(subjects):
         x = left + col * i + col // 2

@@ -13,6 +13,7 @@ A paired difference of rows A and B on the same subjects, prompts and seeds is t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +46,15 @@ def resample_indices(n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEF
 
 
 def bootstrap(values, level: float = 0.95, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Interval:
-    """Percentile-bootstrap interval of the mean of ``values`` (per-subject scores)."""
+    """Percentile-bootstrap interval of the mean of ``values`` (per-subject scores). One value has no spread to
+    resample: its interval is (-inf, inf), never a claim."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), not {level}")
     x = torch.as_tensor(values, dtype=torch.float64).flatten()
     if not torch.isfinite(x).all():
         raise ValueError("bootstrap of non-finite values")
+    if len(x) == 1:
+        return Interval(float(x[0]), -math.inf, math.inf, level)
     means = x[resample_indices(len(x), resamples, seed)].mean(dim=1)
     alpha = 1 - level
     low, high = torch.quantile(means, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()

@@ -59,6 +59,11 @@ def test_constant_values_give_a_zero_width_interval():
     assert (ci.mean, ci.low, ci.high) == (0.25, 0.25, 0.25) and ci.excludes_zero
 
 
+def test_one_subject_gives_no_interval():
+    ci = stats.bootstrap([0.4])
+    assert ci.mean == 0.4 and ci.low == -math.inf and ci.high == math.inf and not ci.excludes_zero
+
+
 def test_paired_difference_of_identical_rows_is_exactly_zero():
     a = [0.3, -0.07, 0.95, 0.4]
     d = stats.paired_difference(a, list(a))
