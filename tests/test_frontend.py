@@ -152,8 +152,19 @@ def test_template_browser_lists_workflows_with_thumbnails(frontend):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_queues_and_runs(frontend, host, path):
+def test_workflow_queues_and_runs(frontend, host, comfy_dirs, path):
     workflow = json.loads(path.read_text(encoding="utf-8"))
+    before = set(comfy_dirs["models"].rglob("*.safetensors"))
+    try:
+        _queue_and_check(frontend, host, path, workflow)
+    finally:
+        # Model files the run wrote (LoRAs, embeddings, subjects) go again: the next frontend opens every workflow
+        # as on a fresh install, where they do not exist yet.
+        for new in set(comfy_dirs["models"].rglob("*.safetensors")) - before:
+            new.unlink(missing_ok=True)
+
+
+def _queue_and_check(frontend, host, path, workflow):
     page, server = frontend.page, frontend.server
     fe.inspect_workflow(page, workflow)
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST",

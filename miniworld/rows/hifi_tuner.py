@@ -17,7 +17,7 @@ def hifi(b, kit, index, *, key: str, use_mask: bool = True, use_regularisation: 
     subject, _loss, file_name = b.call(
         "PersonalizeHiFiSubjectTune", model=b.model, clip=b.clip, vae=b.vae, images=images,
         caption=f"a photo of {world.article(kit.class_word)} {kit.class_word}", n_tokens=5,
-        global_steps=c.hifi_global_steps, steps_per_timestep=c.hifi_steps_per_step, sampling_steps=c.sampler_steps,
+        global_steps=c.hifi_global_steps, steps_per_step=c.hifi_steps_per_step, sampling_steps=c.sampler_steps,
         learning_rate=c.hifi_lr, reg_weight=c.hifi_reg_weight, seed=c.seed + index,
         subject_name=b.artifact_name(key, index), overwrite=True, mask=masks, batch_size=c.batch_size,
         use_mask=use_mask, use_regularisation=use_regularisation, use_stepwise=use_stepwise)
