@@ -102,18 +102,18 @@ def pick_subjects(n: int, half: str = "reporting", draw: int = 0,
                   views: int = world.REFERENCE_VIEWS) -> list[world.HeldoutSubject]:
     """The first ``n`` subjects of a half (world.TUNING_HALF / world.REPORTING_HALF) with reference-view draw
     ``draw`` of ``views`` references each. Deterministic."""
-    kits = world.heldout_half(half, seed=draw, views=views)
-    return list(kits[:max(1, min(n, len(kits)))])
+    heldouts = world.heldout_half(half, seed=draw, views=views)
+    return list(heldouts[:max(1, min(n, len(heldouts)))])
 
 
 def pick_draws(cfg: BenchConfig) -> list[list[world.HeldoutSubject]]:
-    """The kits of every reference-view draw: the same subjects, draw ``d``'s references from heldout_set(seed=d)."""
+    """The held-out subjects of every reference-view draw: the same subjects, draw ``d``'s references from heldout_set(seed=d)."""
     return [pick_subjects(cfg.subjects, cfg.half, d, cfg.views) for d in range(max(1, cfg.draws))]
 
 
 class Benchmark:
     """Runs the rows. ``node_map`` is ComfyUI's ``nodes.NODE_CLASS_MAPPINGS`` with the pack loaded. The rows'
-    ``personalise(b, kit, index)`` functions (miniworld/rows/) use :meth:`call`, :meth:`references`,
+    ``personalise(b, heldout, index)`` functions (miniworld/rows/) use :meth:`call`, :meth:`references`,
     :meth:`artifact_name` / :meth:`artifact`, :meth:`real_images`, ``cfg``, ``model`` / ``clip`` / ``vae`` and
     ``token``."""
 
@@ -128,8 +128,8 @@ class Benchmark:
     def call(self, class_type: str, **inputs):
         return call(self.nodes, class_type, **inputs)
 
-    def references(self, kit: world.HeldoutSubject) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.stack([r.image for r in kit.references]), torch.stack([r.mask for r in kit.references]))
+    def references(self, heldout: world.HeldoutSubject) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([r.image for r in heldout.references]), torch.stack([r.mask for r in heldout.references]))
 
     def artifact_name(self, key: str, index: int) -> str:
         return f"{self.run_name}_{key}_{index}"
@@ -148,24 +148,24 @@ class Benchmark:
                                cfg=self.cfg.cfg, seed=self.cfg.seed * 1000 + 100 * self.draw,
                                per_caption=self.cfg.seeds, transform=p.transform)
 
-    def real_images(self, kit: world.HeldoutSubject) -> torch.Tensor:
-        scenes = [sc for sc in kit.scenes for _ in range(self.cfg.seeds)]
+    def real_images(self, heldout: world.HeldoutSubject) -> torch.Tensor:
+        scenes = [sc for sc in heldout.scenes for _ in range(self.cfg.seeds)]
         seeds = [10_000 + 97 * i + self.cfg.seed + 1_000_003 * self.draw for i in range(len(scenes))]
-        return world.render_batch([kit.subject] * len(scenes), scenes, seeds).images
+        return world.render_batch([heldout.subject] * len(scenes), scenes, seeds).images
 
-    def personalise(self, method: str, kit: world.HeldoutSubject, index: int) -> registry.Personalised:
-        """Row ``method``'s personalisation of ``kit``; ``index`` offsets its training seed (subject position
+    def personalise(self, method: str, heldout: world.HeldoutSubject, index: int) -> registry.Personalised:
+        """Row ``method``'s personalisation of ``heldout``; ``index`` offsets its training seed (subject position
         + 100 x draw)."""
-        return registry.get(method).personalise(self, kit, index)
+        return registry.get(method).personalise(self, heldout, index)
 
     # ---------------------------------------------------------------------------------------------- scoring
 
-    def score_cell(self, images: torch.Tensor, kit: world.HeldoutSubject) -> dict[str, torch.Tensor]:
+    def score_cell(self, images: torch.Tensor, heldout: world.HeldoutSubject) -> dict[str, torch.Tensor]:
         """Per-image scores of one (subject, draw): metric -> [n] tensor."""
-        refs, _ = self.references(kit)
-        scene_prompts = [p for p in kit.prompts for _ in range(self.cfg.seeds)]
+        refs, _ = self.references(heldout)
+        scene_prompts = [p for p in heldout.prompts for _ in range(self.cfg.seeds)]
         out = self.evaluator.classify(images)
-        s = kit.subject
+        s = heldout.subject
         right = [out["shape"].labels[i] == s.shape and out["colour"].labels[i] == s.colour
                  and out["pattern"].labels[i] == s.pattern for i in range(len(images))]
         return {"subject_fidelity": self.evaluator.subject_fidelity(images, refs).float(),
@@ -201,11 +201,11 @@ class Benchmark:
             entry = registry.get(method)
             t0 = time.perf_counter()
             images, seconds, nbytes = [], [], []
-            for d, kits in enumerate(draws):
+            for d, heldouts in enumerate(draws):
                 self.draw = d
                 images.append([])
-                for i, kit in enumerate(kits):
-                    p = self.personalise(method, kit, i + 100 * d)
+                for i, heldout in enumerate(heldouts):
+                    p = self.personalise(method, heldout, i + 100 * d)
                     images[-1].append(self.generate(p))
                     if entry.tuned:
                         seconds.append(p.seconds)

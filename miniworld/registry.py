@@ -4,8 +4,8 @@ here. A method joins the benchmark by adding one file to ``miniworld/rows/`` tha
     from ..registry import Personalised, register
 
     @register("ti", "Textual Inversion", order=40, gated=True, baseline=True, bench=("bench/bench_training.py",))
-    def personalise(b, kit, index):          # b: miniworld.benchmark.Benchmark, kit: world.HeldoutSubject
-        ...                                  # train from kit.references through the pack's nodes (b.call)
+    def personalise(b, heldout, index):          # b: miniworld.benchmark.Benchmark, heldout: world.HeldoutSubject
+        ...                                  # train from heldout.references through the pack's nodes (b.call)
         return Personalised(model, clip, prompts, seconds, nbytes)   # what to generate with
 
 Nothing else changes: ``scripts/eval_methods.py`` lists, runs, gates and compares the registered rows, and
@@ -41,7 +41,7 @@ class Personalised:
 class MethodRow:
     key: str                 # the name on the command line (--methods) and in --json
     title: str               # the table's row title
-    personalise: Callable    # (benchmark, kit, index) -> Personalised; index: the subject's seed offset
+    personalise: Callable    # (benchmark, heldout, index) -> Personalised; index: the subject's seed offset
     order: int = 100         # table position (ascending)
     tuned: bool = True       # trains per subject: tuning seconds and bytes per subject are reported
     gated: bool = False      # a method at its defaults: `make eval` and CI fail when it is not above the floor

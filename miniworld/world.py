@@ -559,7 +559,7 @@ def training_batch(batch_size: int, generator: torch.Generator) -> SampleBatch:
 
 @dataclass(frozen=True, eq=False)
 class HeldoutSubject:
-    """A held-out subject's personalisation kit: reference views (in distinct random scenes) and prompts placing
+    """A held-out subject's personalisation set: reference views (in distinct random scenes) and prompts placing
     its class word in every scene. ``templates`` hold a ``{token}`` slot before the class word."""
 
     subject: Subject
@@ -634,9 +634,9 @@ def split_heldout(seed: int = HALVES_SEED) -> dict[str, tuple[int, ...]]:
 
 
 def heldout_half(half: str, seed: int = 0, views: int = REFERENCE_VIEWS) -> tuple[HeldoutSubject, ...]:
-    """The kits (:func:`heldout_set` with reference-view draw ``seed``) of one half, ``"tuning"`` or
+    """The held-out subjects (:func:`heldout_set` with reference-view draw ``seed``) of one half, ``"tuning"`` or
     ``"reporting"``, in the half's order."""
     if half not in HALVES:
         raise ValueError(f"half must be one of {', '.join(HALVES)}, not {half!r}")
-    kits = heldout_set(seed=seed, views=views)
-    return tuple(kits[i] for i in HALVES[half])
+    heldouts = heldout_set(seed=seed, views=views)
+    return tuple(heldouts[i] for i in HALVES[half])

@@ -246,9 +246,9 @@ def evaluate(evaluator: Evaluator, seed: int = 1, base_pairs: int = 600, heldout
     queries = held_images.float() / 255
     owner = torch.arange(len(held)).repeat_interleave(heldout_views)
 
-    kits = heldout_set(seed=0)
-    references = torch.stack([r.image for kit in kits for r in kit.references])
-    views = len(kits[0].references)
+    heldouts = heldout_set(seed=0)
+    references = torch.stack([r.image for heldout in heldouts for r in heldout.references])
+    views = len(heldouts[0].references)
 
     def retrieval(embed) -> dict[str, float]:
         sims = (embed(queries) @ embed(references).T).view(len(queries), len(held), views).mean(dim=2)

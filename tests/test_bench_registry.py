@@ -31,7 +31,7 @@ def test_rows_register_with_their_roles_in_table_order():
 
 def test_a_key_registers_once():
     with pytest.raises(ValueError, match="registered twice"):
-        registry.register("ti", "again")(lambda b, kit, index: None)
+        registry.register("ti", "again")(lambda b, heldout, index: None)
 
 
 def test_bench_scripts_exist_and_run_all_uses_the_registry():

@@ -53,11 +53,11 @@ def test_shipped_family_is_small_and_checksummed(host, shipped, tmp_path):
 
 def test_subjects_come_from_the_halves(bench):
     w = bench.world
-    kits = bench.pick_subjects(12)
-    assert [k.subject for k in kits] == [w.heldout_subjects()[i] for i in w.REPORTING_HALF]
+    heldouts = bench.pick_subjects(12)
+    assert [k.subject for k in heldouts] == [w.heldout_subjects()[i] for i in w.REPORTING_HALF]
     assert [k.subject.name for k in bench.pick_subjects(2, "tuning")] == ["red circle", "yellow heart"]
     draws = bench.pick_draws(bench.BenchConfig(subjects=3, draws=2))
-    assert [k.subject for k in draws[0]] == [k.subject for k in draws[1]] == [k.subject for k in kits[:3]]
+    assert [k.subject for k in draws[0]] == [k.subject for k in draws[1]] == [k.subject for k in heldouts[:3]]
     assert not torch.equal(draws[0][0].references[0].image, draws[1][0].references[0].image)  # new views
     one = bench.pick_draws(bench.BenchConfig(subjects=2, draws=1, views=1))  # the one-image protocol
     assert [len(k.references) for k in one[0]] == [1, 1]
@@ -69,9 +69,9 @@ def test_real_images_bound_scores_the_subject_not_the_scene(host, bench, shipped
     import nodes
     _, (model, clip, vae) = shipped
     runner = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, evaluator, bench.BenchConfig(seeds=2))
-    kits = bench.pick_subjects(2, "tuning")
-    own = runner.score("real", [[runner.real_images(k) for k in kits]], [kits], [], [])
-    swapped = runner.score("real", [[runner.real_images(k) for k in reversed(kits)]], [kits], [], [])
+    heldouts = bench.pick_subjects(2, "tuning")
+    own = runner.score("real", [[runner.real_images(k) for k in heldouts]], [heldouts], [], [])
+    swapped = runner.score("real", [[runner.real_images(k) for k in reversed(heldouts)]], [heldouts], [], [])
     assert own.images == 2 * 6 * 2 and own.tune_seconds is None and own.bytes_per_subject == 0
     assert own.subject_fidelity > 0.8 and own.attributes > 0.9 and own.prompt_fidelity > 0.9, own
     assert swapped.subject_fidelity < own.subject_fidelity - 0.3 and swapped.attributes == 0.0, swapped

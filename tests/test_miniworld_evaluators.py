@@ -130,12 +130,12 @@ def test_accuracy_on_unseen_heldout_and_base_samples(evaluator, heldout_sample):
 
 def test_identity_prefers_the_subjects_own_references(evaluator, heldout_sample):
     images, _, subjects = heldout_sample
-    kits = heldout_set()
-    refs = torch.stack([r.image for kit in kits for r in kit.references])
-    scores = torch.stack([subject_fidelity(images, refs[4 * i:4 * i + 4], evaluator) for i in range(len(kits))], 1)
-    per_subject = scores.view(len(kits), 5, len(kits)).mean(dim=1)  # [subject, candidate references]
+    heldouts = heldout_set()
+    refs = torch.stack([r.image for heldout in heldouts for r in heldout.references])
+    scores = torch.stack([subject_fidelity(images, refs[4 * i:4 * i + 4], evaluator) for i in range(len(heldouts))], 1)
+    per_subject = scores.view(len(heldouts), 5, len(heldouts)).mean(dim=1)  # [subject, candidate references]
     own = per_subject.diagonal()
-    others = per_subject.masked_fill(torch.eye(len(kits), dtype=torch.bool), -2).max(dim=1).values
+    others = per_subject.masked_fill(torch.eye(len(heldouts), dtype=torch.bool), -2).max(dim=1).values
     assert bool((own > others).all()), (own - others)
     assert subject_fidelity(refs[:4], refs[:4], evaluator).min() > 0.8
 

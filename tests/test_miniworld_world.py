@@ -179,9 +179,9 @@ def test_training_batch_draws_only_base_subjects():
 
 
 def test_heldout_set_structure_and_determinism():
-    kits = heldout_set(seed=0)
-    assert [k.subject for k in kits] == list(heldout_subjects())
-    for k in kits:
+    heldouts = heldout_set(seed=0)
+    assert [k.subject for k in heldouts] == list(heldout_subjects())
+    for k in heldouts:
         assert len(k.references) == 4 and len({r.scene for r in k.references}) == 4
         assert all(r.subject == k.subject for r in k.references)
         assert all(r.mask[0].max() == 0 and r.mask[-1].max() == 0 for r in k.references)
@@ -189,8 +189,8 @@ def test_heldout_set_structure_and_determinism():
         assert all(k.class_word in p and k.subject.colour not in p.split() for p in k.prompts)
         assert k.prompts_with("<v>")[0] == class_prompt(k.class_word, SCENES[0], token="<v>")
     again, other = heldout_set(seed=0), heldout_set(seed=1)
-    assert torch.equal(kits[3].references[2].image, again[3].references[2].image)
-    assert not torch.equal(kits[3].references[2].image, other[3].references[2].image)
+    assert torch.equal(heldouts[3].references[2].image, again[3].references[2].image)
+    assert not torch.equal(heldouts[3].references[2].image, other[3].references[2].image)
 
 
 # ------------------------------------------------------------------------------------------------ appearance

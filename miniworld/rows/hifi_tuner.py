@@ -9,14 +9,14 @@ from .. import world
 from ..registry import Personalised, register
 
 
-def hifi(b, kit, index, *, key: str, use_mask: bool = True, use_regularisation: bool = True,
+def hifi(b, heldout, index, *, key: str, use_mask: bool = True, use_regularisation: bool = True,
          use_stepwise: bool = True):
     c = b.cfg
-    images, masks = b.references(kit)
+    images, masks = b.references(heldout)
     t0 = time.perf_counter()
     subject, _loss, file_name = b.call(
         "PersonalizeHiFiSubjectTune", model=b.model, clip=b.clip, vae=b.vae, images=images,
-        caption=f"a photo of {world.article(kit.class_word)} {kit.class_word}", n_tokens=5,
+        caption=f"a photo of {world.article(heldout.class_word)} {heldout.class_word}", n_tokens=5,
         global_steps=c.hifi_global_steps, steps_per_step=c.hifi_steps_per_step, sampling_steps=c.sampler_steps,
         learning_rate=c.hifi_lr, reg_weight=c.hifi_reg_weight, seed=c.seed + index,
         subject_name=b.artifact_name(key, index), overwrite=True, mask=masks, batch_size=c.batch_size,
@@ -27,7 +27,7 @@ def hifi(b, kit, index, *, key: str, use_mask: bool = True, use_regularisation: 
         return b.call("PersonalizeHiFiSubjectConditioning", conditioning=conditioning, subject=subject,
                       use_stepwise=use_stepwise)[0]
 
-    return Personalised(b.model, b.clip, list(kit.prompts), seconds,
+    return Personalised(b.model, b.clip, list(heldout.prompts), seconds,
                         b.artifact("personalize_subjects", file_name).stat().st_size, transform)
 
 
