@@ -104,3 +104,12 @@ def train_lora(models, images, name, **overrides):
                 steps=2, learning_rate=1e-2, batch_size=1, seed=0, layers="attention", train_text_encoder=False,
                 lora_name=name, overwrite=False)
     return call_node("PersonalizeTrainSubjectLoRA", **{**args, **overrides})
+
+
+def assert_saved_images(result) -> None:
+    """A workflow run (harness.executor result) succeeded and every image it saved is a non-empty file."""
+    assert result.success
+    images = result.files()
+    assert images, "the workflow saved no image"
+    for p in images:
+        assert p.exists() and p.stat().st_size > 0

@@ -186,9 +186,6 @@ def test_v1_workflow_runs(host, run_ui_workflow, ckpt_sd15, ckpt_mini, demo_subj
     shipped = Path(__file__).resolve().parents[1] / "workflows" / path.name
     if shipped.exists() and shipped.read_bytes() == path.read_bytes():
         pytest.skip(f"identical to workflows/{path.name}, which tests/test_workflows.py runs")
-    result = run_ui_workflow(path)
-    assert result.success
-    images = result.files()
-    assert images, "the workflow saved no image"
-    for p in images:
-        assert p.exists() and p.stat().st_size > 0
+    from helpers import assert_saved_images
+
+    assert_saved_images(run_ui_workflow(path))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import call_node
+from helpers import assert_saved_images, call_node
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 
@@ -16,12 +16,7 @@ def test_there_are_workflows():
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs(host, run_ui_workflow, ckpt_sd15, ckpt_mini, demo_subject_folder, path):
-    result = run_ui_workflow(path)
-    assert result.success
-    images = result.files()
-    assert images, "the workflow saved no image"
-    for p in images:
-        assert p.exists() and p.stat().st_size > 0
+    assert_saved_images(run_ui_workflow(path))
 
 
 def test_every_pack_node_is_in_a_workflow(host):
