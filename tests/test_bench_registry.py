@@ -20,6 +20,7 @@ def test_rows_register_with_their_roles_in_table_order():
     keys = registry.keys()
     assert keys[:6] == ("real", "base-class", "base-full", "ti", "lora", "hifi")
     assert set(keys) >= {"hifi-no-mask", "hifi-no-reg", "hifi-no-stepwise"}
+    assert registry.keys(tuned=True, default=True) == ("ti", "lora", "hifi")  # ablations are opt-in diagnostics
     assert registry.keys(gated=True) == ("ti", "lora", "hifi")
     assert registry.keys(baseline=True) == ("base-full", "ti", "lora")
     assert registry.keys(floor=True) == ("base-class",)
