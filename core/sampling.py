@@ -18,7 +18,7 @@ What lives here:
 * :class:`InterruptibleProgress`, the cancel check + progress bar of samplers that run outside a stock sampler;
 * :func:`sampler_from_function`, which turns a k-diffusion style sample function into a stock
   ``comfy.samplers.KSAMPLER`` (a SAMPLER socket value for SamplerCustom / SamplerCustomAdvanced), and the helpers
-  such a function needs (:func:`guidance_scale`, :func:`with_model_function_wrapper`, :func:`denoise`).
+  such a function needs (:func:`with_cond_scale_capture`, :func:`with_model_function_wrapper`, :func:`denoise`).
 """
 from __future__ import annotations
 
@@ -369,12 +369,15 @@ def with_model_function_wrapper(extra_args: dict, make_wrapper) -> dict:
         options.get("model_function_wrapper"))))
 
 
-def guidance_scale(node: str, model) -> float:
-    """The cfg of the guider a KSAMPLER function is running under (the ``model`` it receives wraps the guider:
-    ``CFGGuider.cfg``, SamplerCustom's cfg included)."""
-    guider = getattr(model, "inner_model", None)
-    cfg = getattr(guider, "cfg", None)
-    if isinstance(cfg, (int, float)):
-        return float(cfg)
-    raise PersonalizeError(f"{node}: this guider has no single cfg scale; use SamplerCustom, or "
-                           "SamplerCustomAdvanced with a CFGGuider.")
+def with_cond_scale_capture(extra_args: dict, sink: dict) -> dict:
+    """``extra_args`` with its ``model_options`` copied and one more ``sampler_pre_cfg_function`` appended that
+    records the guider's scale as ``sink["cond_scale"]`` (and changes nothing). The host's ``sampling_function``
+    calls these public hooks with ``args["cond_scale"]`` at every CFG evaluation, in both hosts, so a SAMPLER
+    learns the cfg of whatever CFG guider runs it (SamplerCustom's cfg included) without reading the guider."""
+    options = extra_args.get("model_options", {})
+
+    def record(args):
+        sink["cond_scale"] = float(args["cond_scale"])
+        return args["conds_out"]
+    return dict(extra_args, model_options=dict(
+        options, sampler_pre_cfg_function=[*options.get("sampler_pre_cfg_function", []), record]))

@@ -24,18 +24,32 @@ def encoder_keys(clip) -> list[str]:
     return [k for k in tokens if hasattr(clip.cond_stage_model, f"clip_{k}")]
 
 
+def special_tokens(clip) -> dict[str, tuple[int, int, int | None]]:
+    """``(start, end, padding)`` token ids of each encoder, read from the tokenizer's own encoding of the empty
+    prompt (``[start, end, padding, ...]``; padding is None for a tokenizer that does not pad), so no tokenizer
+    attribute is read."""
+    empty = clip.tokenize("")
+    out = {}
+    for key in encoder_keys(clip):
+        seq = [int(item[0]) for item in empty[key][0]]
+        out[key] = (seq[0], seq[1], seq[2] if len(seq) > 2 else None)
+    return out
+
+
 def word_token_ids(clip, word: str) -> dict[str, list[int]]:
     """Token ids of ``word`` in each encoder's tokenizer (start/end/padding removed)."""
     out = {}
     tokens = clip.tokenize(word)
+    specials = special_tokens(clip)
     for key in encoder_keys(clip):
-        sub = getattr(clip.tokenizer, f"clip_{key}")
-        special = {sub.start_token, sub.end_token, 0 if not getattr(sub, "pad_with_end", True) else sub.end_token}
+        start, end, pad = specials[key]
+        special = {start, end, pad}
         ids = []
-        for tok, _w in tokens[key][0]:
+        for item in tokens[key][0]:
+            tok = item[0]
             if not isinstance(tok, int):
                 raise PersonalizeError(f"'{word}' contains an embedding reference; use a plain word.")
-            if tok == sub.end_token:
+            if tok == end:
                 break
             if tok not in special:
                 ids.append(int(tok))

@@ -20,6 +20,9 @@ from .subject_photos import encode_subject
 
 NODE = "Train Subject LoRA"
 LAYER_CHOICES = ["attention", "all_linear"]
+# A kohya-key LoRA (stock LoraLoader reads it) with the pack's typed metadata.
+LORA_FILE = artifacts.kind(kind="lora", title="subject LoRA", folder="loras", made_by=NODE, stock=True,
+                           legacy_method="dreambooth_lora")
 
 
 @dataclass
@@ -93,13 +96,14 @@ def train_lora(model, clip, vae, images: torch.Tensor, *, instance_prompt: str, 
     sd = unet_deltas.kohya_state_dict()
     if text_deltas is not None:
         sd.update(text_deltas.kohya_state_dict())
-    artifacts.save_safetensors(
-        sd, path,
-        {"method": "dreambooth_lora", "family": family, "rank": rank, "alpha": unet_deltas.alpha, "layers": layers,
-         "train_text_encoder": train_text_encoder, "instance_prompt": instance_prompt, "steps": config.steps,
-         "learning_rate": config.learning_rate, "final_loss": result.losses[-1],
-         # kohya-style fields other tools read
-         "ss_network_dim": str(rank), "ss_network_alpha": str(unet_deltas.alpha), "ss_network_module": "networks.lora"},
+    LORA_FILE.save(
+        sd, path, family=family, widths={"rank": rank},
+        metadata={"method": "dreambooth_lora", "rank": rank, "alpha": unet_deltas.alpha, "layers": layers,
+                  "train_text_encoder": train_text_encoder, "instance_prompt": instance_prompt,
+                  "steps": config.steps, "learning_rate": config.learning_rate, "final_loss": result.losses[-1],
+                  # kohya-style fields other tools read
+                  "ss_network_dim": str(rank), "ss_network_alpha": str(unet_deltas.alpha),
+                  "ss_network_module": "networks.lora"},
         overwrite=overwrite)
     out_model, out_clip = apply_lora(model, clip if train_text_encoder else None, sd)
     return LoRAResult(out_model, out_clip if train_text_encoder else clip, path, sd, result)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 from ..core import artifacts, host
 from ..core.diffusion import DiffusionObjective
 from ..core.host import FAMILY_NAMES, PersonalizeError
-from ..core.textual import ConditioningRows, encoder_keys
+from ..core.textual import ConditioningRows, encoder_keys, special_tokens
 from ..core.tuning import Phase, TrainingSession, TuningConfig, TuningResult, run_loop, seeded_generator
 from .subject_photos import encode_subject
 
@@ -40,8 +39,9 @@ log = logging.getLogger("comfyui_personalize")
 
 NODE = "HiFi Subject Tune"
 METHOD = "hifi_tuner"
-SUBJECT_FOLDER = "personalize_subjects"             # folder_paths name of the subject files
-SUBJECT_SUBDIR = ("personalize", "subjects")        # default location under ComfyUI's models/
+SUBJECT_FILE = artifacts.kind(kind="hifi_subject", title="HiFi subject", folder="personalize_subjects",
+                              subdir=("personalize", "subjects"), made_by="HiFi Subject Tune", legacy_method=METHOD)
+SUBJECT_FOLDER = SUBJECT_FILE.folder                # folder_paths name of the subject files
 SUPPORTED = ("sd1", "sd2", "sdxl")
 # Text width -> family, to recognise which family a CONDITIONING comes from (SD1 CLIP-L, SD2 CLIP-H, SDXL L+G).
 FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -49,17 +49,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 
 def register_subject_folder() -> None:
-    """Add the ``personalize_subjects`` model folder (``models/personalize/subjects``, ``.safetensors``) to ComfyUI's
-    ``folder_paths`` if nobody registered it yet (an ``extra_model_paths.yaml`` entry wins; an entry registered
-    without extensions is narrowed to ``.safetensors``). Called at pack import: only a dictionary entry, no file
-    system work. Works in both hosts (same ``folder_names_and_paths`` layout: ``([paths], {extensions})``)."""
-    import folder_paths
-    entry = folder_paths.folder_names_and_paths.get(SUBJECT_FOLDER)
-    if entry is None:
-        folder_paths.folder_names_and_paths[SUBJECT_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, *SUBJECT_SUBDIR)], {".safetensors"})
-    elif isinstance(entry[1], set) and not entry[1]:
-        entry[1].add(".safetensors")  # registered by a path-only call (extra_model_paths.yaml): list only our files
+    """The ``personalize_subjects`` model folder in ``folder_paths`` (a dictionary entry only)."""
+    SUBJECT_FILE.register()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,63 +144,48 @@ class HiFiSubject:
         }
 
     def save(self, path: Path, overwrite: bool = False) -> Path:
-        """Write the subject as safetensors (atomic; refuses to overwrite unless asked)."""
+        """Write the subject as a ``hifi_subject`` artefact (atomic; refuses to overwrite unless asked)."""
         meta = dict(self.metadata)
-        meta.update({"method": METHOD, "family": self.family, "caption": self.caption, "n_tokens": self.n_tokens,
-                     "text_width": self.width, "stepwise": self.has_stepwise})
-        self.path = artifacts.save_safetensors(self.tensors(), Path(path), meta, overwrite=overwrite)
+        meta.update({"method": METHOD, "caption": self.caption, "n_tokens": self.n_tokens,
+                     "stepwise": self.has_stepwise})
+        self.path = SUBJECT_FILE.save(self.tensors(), path, family=self.family, widths={"text": self.width},
+                                      metadata=meta, overwrite=overwrite)
         return self.path
 
     @classmethod
-    def load(cls, path: Path, family: str | None = None) -> "HiFiSubject":
-        """Read a subject file; ``family`` (if given) must match the family it was trained on."""
-        path = Path(path)
-        tensors, meta = artifacts.load_safetensors(path)
-        if artifacts.read_metadata(meta, "method") != METHOD or "rows" not in tensors:
-            raise PersonalizeError(
-                f"{path.name} is not a HiFi subject file (no HiFi Tuner metadata). Load a file written by "
-                "HiFi Subject Tune, or retrain the subject.")
+    def load(cls, path, family: str | None = None) -> "HiFiSubject":
+        """Read a subject file (a path, or a name in the subjects folder); ``family`` (if given) must match the
+        family it was trained on."""
+        art = SUBJECT_FILE.load(path, family)
+        tensors, name = art.tensors, art.path.name
+        if "rows" not in tensors:
+            raise PersonalizeError(f"{name} is damaged (no subject rows). Retrain the subject with HiFi Subject Tune.")
         rows = tensors["rows"].float()
         n = rows.shape[0] - 1
         timesteps = [int(t) for t in tensors.get("timesteps", torch.zeros(0)).tolist()]
         sigmas = tensors.get("sigmas", torch.zeros(0)).float()
         percents = [float(p) for p in tensors.get("percents", torch.zeros(0)).tolist()]
         if rows.dim() != 3 or not (len(timesteps) == len(percents) == sigmas.numel() == n):
-            raise PersonalizeError(f"{path.name} is damaged (rows {tuple(rows.shape)}, {len(timesteps)} timesteps). "
+            raise PersonalizeError(f"{name} is damaged (rows {tuple(rows.shape)}, {len(timesteps)} timesteps). "
                                    "Retrain the subject with HiFi Subject Tune.")
-        subject_family = artifacts.read_metadata(meta, "family")
-        if family is not None and subject_family != family:
-            raise PersonalizeError(wrong_family_message(path.name, subject_family, family))
-        known = {"method", "family", "caption", "format"}
-        metadata = {k[len(artifacts.METADATA_PREFIX):]: artifacts.read_metadata(meta, k[len(artifacts.METADATA_PREFIX):])
-                    for k in meta if k.startswith(artifacts.METADATA_PREFIX)
-                    and k[len(artifacts.METADATA_PREFIX):] not in known}
+        metadata = {k: v for k, v in art.metadata.items() if k not in ("method", "caption", "text_width")}
         return cls(rows=rows, timesteps=timesteps, sigmas=sigmas, percents=percents,
-                   null_tail=tensors.get("null_tail", rows[0]).float(), family=subject_family,
-                   caption=artifacts.read_metadata(meta, "caption", ""), metadata=metadata, path=path)
+                   null_tail=tensors.get("null_tail", rows[0]).float(), family=art.family,
+                   caption=art.metadata.get("caption", ""), metadata=metadata, path=art.path)
 
 
 def wrong_family_message(what: str, subject_family: str, family: str) -> str:
-    return (f"{what} was trained on {FAMILY_NAMES.get(subject_family, subject_family)} but is used with "
-            f"{FAMILY_NAMES.get(family, family)}. Use a subject trained on this checkpoint's family (retrain it with "
-            "HiFi Subject Tune on this model), or switch to a checkpoint of the subject's family.")
+    return artifacts.wrong_family(what, subject_family, family, "HiFi Subject Tune")
 
 
 def subject_path(name: str) -> Path:
     """Path of a subject file named by the user inside the ``personalize_subjects`` folder."""
-    register_subject_folder()
-    return artifacts.target_path(SUBJECT_FOLDER, name)
+    return SUBJECT_FILE.target(name)
 
 
 def load_subject(name_or_path, family: str | None = None) -> HiFiSubject:
     """Load a subject from a path or from a file name in the ``personalize_subjects`` folder."""
-    p = Path(name_or_path)
-    if not p.is_absolute():
-        register_subject_folder()
-        import folder_paths
-        full = folder_paths.get_full_path(SUBJECT_FOLDER, str(name_or_path))
-        p = Path(full) if full else subject_path(str(name_or_path))
-    return HiFiSubject.load(p, family)
+    return HiFiSubject.load(name_or_path, family)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,13 +196,14 @@ def caption_positions(clip, caption: str) -> int:
     """Sequence positions the caption occupies in its 77-token chunk (start token, words, end token), the
     maximum over the model's text encoders. The subject rows may only replace positions after these."""
     tokens = clip.tokenize(caption)
+    specials = special_tokens(clip)
     used = 0
     for key in encoder_keys(clip):
         chunks = tokens[key]
         if len(chunks) > 1:
             raise PersonalizeError(f"{NODE}: the caption is longer than one 77-token chunk; shorten it "
                                    "(e.g. 'a photo of a dog').")
-        end = getattr(clip.tokenizer, f"clip_{key}").end_token
+        end = specials[key][1]
         seq = [item[0] for item in chunks[0]]
         first_end = next((i for i, tok in enumerate(seq) if i > 0 and isinstance(tok, int) and tok == end), len(seq) - 1)
         used = max(used, first_end + 1)

@@ -35,7 +35,7 @@ import torch
 from ..core import graph_patches, host
 from ..core.host import PersonalizeError
 from ..core.sampling import (UNCOND, check_same_schedule, check_sigmas, check_single_conditioning, ddim_step, denoise,
-                             guidance_scale, report_step, sampler_from_function, sigma_list,
+                             report_step, with_cond_scale_capture, sampler_from_function, sigma_list,
                              with_model_function_wrapper)
 from ..core.tuning import optimiser_step
 
@@ -48,11 +48,12 @@ NODE = "HiFi Reference-Guided Sampler"
 # The guided step, on any differentiable unconditional branch.
 
 class UncondBranch:
-    """The unconditional branch at one step: ``context`` (the ϕ it was evaluated with), ``denoised`` (D_∅(ϕ)) and
-    ``__call__(phi) -> D_∅(phi)``, differentiable in ``phi``."""
+    """The unconditional branch at one step: ``context`` (the ϕ it was evaluated with), ``denoised`` (D_∅(ϕ)),
+    ``__call__(phi) -> D_∅(phi)``, differentiable in ``phi``, and ``cond_scale``, the guidance scale of the CFG
+    evaluation it was captured from (None when the caller gives the scale)."""
 
-    def __init__(self, fn, context: torch.Tensor, denoised: torch.Tensor):
-        self.fn, self.context, self.denoised = fn, context, denoised
+    def __init__(self, fn, context: torch.Tensor, denoised: torch.Tensor, cond_scale: float | None = None):
+        self.fn, self.context, self.denoised, self.cond_scale = fn, context, denoised, cond_scale
 
     def __call__(self, phi: torch.Tensor) -> torch.Tensor:
         return self.fn(phi)
@@ -128,10 +129,11 @@ class ReferenceGuidance:
                 f"{x.shape[-1] * 8}x{x.shape[-2] * 8}. Give the mask of the image this latent makes.")
 
 
-def reference_guided_sample(evaluate, x: torch.Tensor, sigmas, guidance: ReferenceGuidance, cfg: float,
+def reference_guided_sample(evaluate, x: torch.Tensor, sigmas, guidance: ReferenceGuidance, cfg: float | None,
                             callback=None) -> torch.Tensor:
     """Algorithm 2 over the whole schedule. ``evaluate(x, i, need_branch) -> (D̃, UncondBranch | None)`` is the
-    CFG prediction at step i (and, when asked, its unconditional branch)."""
+    CFG prediction at step i (and, when asked, its unconditional branch). ``cfg`` None: each branch carries the
+    scale it was evaluated with (``UncondBranch.cond_scale``)."""
     sig = sigma_list(sigmas)
     mask = guidance.mask.to(device=x.device, dtype=x.dtype)
     phi = None
@@ -147,7 +149,8 @@ def reference_guided_sample(evaluate, x: torch.Tensor, sigmas, guidance: Referen
             if phi is None:
                 phi = branch.context
             target = guidance.target(i + 1).to(device=x.device, dtype=x.dtype)
-            x, phi, losses = guided_step(x, sig[i], sig[i + 1], denoised, branch, phi, cfg, target, mask,
+            scale = cfg if cfg is not None else branch.cond_scale
+            x, phi, losses = guided_step(x, sig[i], sig[i + 1], denoised, branch, phi, scale, target, mask,
                                          guidance.inner_steps, guidance.lr)
             guidance.losses.append(losses[-1] if losses else float("nan"))
         else:
@@ -243,7 +246,6 @@ def sample_reference_guided(model, x, sigmas, extra_args=None, callback=None, di
     CFG model; only ``model_options`` is replaced, per guided step, to add :class:`UncondCapture`."""
     extra_args = {} if extra_args is None else extra_args
     guidance.check(sigmas, x)
-    cfg = guidance_scale(NODE, model)
     t0 = time.perf_counter()
 
     def evaluate(xx, i, need_branch):
@@ -254,10 +256,16 @@ def sample_reference_guided(model, x, sigmas, extra_args=None, callback=None, di
         def install(inner):  # UncondCapture chained in front of the MODEL's own wrapper
             capture["wrapper"] = UncondCapture(inner)
             return capture["wrapper"]
-        denoised = denoise(model, xx, sigmas[i], with_model_function_wrapper(extra_args, install))
-        return denoised, capture["wrapper"].branch()
+        step_args = with_cond_scale_capture(with_model_function_wrapper(extra_args, install), capture)
+        denoised = denoise(model, xx, sigmas[i], step_args)
+        branch = capture["wrapper"].branch()
+        if "cond_scale" not in capture:
+            raise PersonalizeError(f"{NODE}: this guider has no single cfg scale; use SamplerCustom, or "
+                                   "SamplerCustomAdvanced with a CFGGuider.")
+        branch.cond_scale = capture["cond_scale"]
+        return denoised, branch
 
-    out = reference_guided_sample(evaluate, x, sigmas, guidance, cfg, callback)
+    out = reference_guided_sample(evaluate, x, sigmas, guidance, None, callback)
     log.info("%s: %d steps, guided t=%d..%d with %d inner steps each, last guidance loss %.3g, %.1f s", NODE,
              len(sigmas) - 1, guidance.t_start, guidance.t_end, guidance.inner_steps,
              guidance.losses[-1] if guidance.losses else float("nan"), time.perf_counter() - t0)

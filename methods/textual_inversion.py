@@ -17,6 +17,9 @@ from ..core.tuning import Phase, TrainingSession, TuningConfig, TuningResult, ru
 from .subject_photos import SubjectPhotos, encode_subject
 
 NODE = "Train Subject Embedding"
+# A stock embedding file (ComfyUI's `embedding:name` reads it) with the pack's typed metadata.
+EMBEDDING_FILE = artifacts.kind(kind="embedding", title="Textual Inversion embedding", folder="embeddings",
+                                made_by=NODE, stock=True, legacy_method="textual_inversion")
 
 # Prompt templates of the original implementation's object set (a subset).
 TEMPLATES = (
@@ -63,10 +66,11 @@ def train_textual_inversion(model, clip, vae, images: torch.Tensor, *, placehold
                           node_id=node_id, preview_model=s.model)
 
     trained = emb.frozen_copy()
-    artifacts.save_safetensors(
-        trained.embedding_file_tensors(family), path,
-        {"method": "textual_inversion", "family": family, "placeholder": trained.word, "init_word": init_word,
-         "steps": config.steps, "learning_rate": config.learning_rate, "final_loss": result.losses[-1]},
+    tensors = trained.embedding_file_tensors(family)
+    EMBEDDING_FILE.save(
+        tensors, path, family=family, widths={k: int(v.shape[-1]) for k, v in tensors.items()},
+        metadata={"method": "textual_inversion", "placeholder": trained.word, "init_word": init_word,
+                  "steps": config.steps, "learning_rate": config.learning_rate, "final_loss": result.losses[-1]},
         overwrite=overwrite)
     out_clip = clip.clone()
     trained.attach(out_clip)

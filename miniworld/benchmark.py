@@ -113,7 +113,7 @@ def pick_draws(cfg: BenchConfig) -> list[list[world.HeldoutSubject]]:
 
 class Benchmark:
     """Runs the rows. ``node_map`` is ComfyUI's ``nodes.NODE_CLASS_MAPPINGS`` with the pack loaded. The rows'
-    ``personalise(b, heldout, index)`` functions (miniworld/rows/) use :meth:`call`, :meth:`references`,
+    ``personalise(bench, heldout, index)`` functions (miniworld/rows/) use :meth:`call`, :meth:`references`,
     :meth:`artifact_name` / :meth:`artifact`, :meth:`real_images`, ``cfg``, ``model`` / ``clip`` / ``vae`` and
     ``token``."""
 

@@ -4,8 +4,8 @@ here. A method joins the benchmark by adding one file to ``miniworld/rows/`` tha
     from ..registry import Personalised, register
 
     @register("ti", "Textual Inversion", order=40, gated=True, baseline=True, bench=("bench/bench_training.py",))
-    def personalise(b, heldout, index):          # b: miniworld.benchmark.Benchmark, heldout: world.HeldoutSubject
-        ...                                  # train from heldout.references through the pack's nodes (b.call)
+    def personalise(bench, heldout, index):      # bench: miniworld.benchmark.Benchmark, heldout: world.HeldoutSubject
+        ...                                  # train from heldout.references through the pack's nodes (bench.call)
         return Personalised(model, clip, prompts, seconds, nbytes)   # what to generate with
 
 Nothing else changes: ``scripts/eval_methods.py`` lists, runs, gates and compares the registered rows, and

@@ -12,6 +12,7 @@ NODES = [*training.NODES, *hifi.NODES, *inversion.NODES, *images.NODES, *utility
 
 def register_folders() -> None:
     """The pack's model folders in ``folder_paths`` (dictionary entries only, no file system work)."""
-    from ..methods import hifi_tuner
-    hifi_tuner.register_subject_folder()
+    from ..core import artifacts
+    for kind in artifacts.registered_kinds():  # declared by the method modules the node modules import
+        kind.register()
     mini.register_folder()

@@ -1,7 +1,6 @@
 """HiFi Tuner nodes: learn a subject representation, load it, and turn it into CONDITIONING for stock samplers."""
 from __future__ import annotations
 
-import os
 
 from comfy_api.v0_0_2 import io
 
@@ -9,6 +8,7 @@ from ..core.host import PersonalizeError
 from ..core.inputs import check_file_name
 from ..methods import hifi_tuner, reference_guidance, subject_replace
 from . import sockets as S
+from .artifacts import loader_node
 
 HIFI = S.CATEGORY + "/hifi_tuner"
 
@@ -122,47 +122,12 @@ class HiFiSubjectConditioning(io.ComfyNode):
         return io.NodeOutput(hifi_tuner.subject_conditioning(conditioning, subject, use_stepwise))
 
 
-class HiFiLoadSubject(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        import folder_paths
-        hifi_tuner.register_subject_folder()  # a folder_paths entry only; no file system work
-        return S.schema(
-            node_id="PersonalizeHiFiLoadSubject",
-            display_name="HiFi Load Subject",
-            category=HIFI,
-            description="Loads a subject saved by HiFi Subject Tune from models/personalize/subjects.",
-            search_aliases=["hifi tuner", "load subject"],
-            inputs=[
-                io.Combo.Input("subject_file", options=folder_paths.get_filename_list(hifi_tuner.SUBJECT_FOLDER),
-                               tooltip="A file in models/personalize/subjects."),
-                io.String.Input("subject_file_name", optional=True, force_input=True,
-                                tooltip="Overrides the list with a file name from another node, e.g. HiFi Subject "
-                                        "Tune's subject_file (train, save and reload in one run)."),
-            ],
-            outputs=[S.HiFiSubject.Output(display_name="subject")],
-        )
-
-    @classmethod
-    def validate_inputs(cls, subject_file):
-        # Replaces the executor's "value in list" check so that a file written earlier in the same run (see
-        # subject_file_name) validates; existence is checked when the node runs, with an error that names the fix.
-        try:
-            hifi_tuner.subject_path(subject_file)
-        except PersonalizeError as e:
-            return str(e)
-        return True
-
-    @classmethod
-    def fingerprint_inputs(cls, subject_file, subject_file_name=None):
-        try:
-            return os.path.getmtime(hifi_tuner.subject_path(subject_file_name or subject_file))
-        except (OSError, PersonalizeError):
-            return ""
-
-    @classmethod
-    def execute(cls, subject_file, subject_file_name=None) -> io.NodeOutput:
-        return io.NodeOutput(hifi_tuner.load_subject(subject_file_name or subject_file))
+HiFiLoadSubject = loader_node(
+    hifi_tuner.SUBJECT_FILE, node_id="PersonalizeHiFiLoadSubject", class_name="HiFiLoadSubject",
+    display_name="HiFi Load Subject", category=HIFI,
+    description="Loads a subject saved by HiFi Subject Tune from models/personalize/subjects.",
+    search_aliases=["hifi tuner", "load subject"], input_name="subject_file", override_name="subject_file_name",
+    output=S.HiFiSubject.Output(display_name="subject"), load=hifi_tuner.load_subject)
 
 
 class HiFiReferenceGuidedSampler(io.ComfyNode):

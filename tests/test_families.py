@@ -45,3 +45,17 @@ def test_sd2_v_prediction(host, sd2, subject, unique_name):
 def test_sdxl(host, sdxl, subject, unique_name):
     sd = _check(host, sdxl, subject[0], unique_name("sdxl"), {"clip_l": (1, 768), "clip_g": (1, 1280)})
     assert any(k.startswith("lora_te1_") for k in sd) and any(k.startswith("lora_te2_") for k in sd)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
+def test_special_tokens_from_the_empty_prompt_match_the_tokenizers(host, request, family):
+    # core.textual reads start/end/padding from clip.tokenize(""); the tokenizer attributes are the reference here
+    from helpers import pack_module
+    textual = pack_module(host, "core.textual")
+    clip = request.getfixturevalue(family)[1]
+    specials = textual.special_tokens(clip)
+    assert set(specials) == set(textual.encoder_keys(clip)) and specials
+    for key, (start, end, pad) in specials.items():
+        sub = getattr(clip.tokenizer, f"clip_{key}")
+        assert (start, end) == (sub.start_token, sub.end_token)
+        assert pad == (sub.end_token if getattr(sub, "pad_with_end", True) else 0)

@@ -185,7 +185,9 @@ def test_sampler_from_function_through_sampler_custom_equals_stock_euler_and_get
     def ddim(model_k, x, sigmas, extra_args=None, callback=None, disable=None, tag=None):
         seen["tag"] = tag
         for i in range(len(sigmas) - 1):
-            d = sp.denoise(model_k, x, sigmas[i], extra_args or {})
+            sink = {}
+            d = sp.denoise(model_k, x, sigmas[i], sp.with_cond_scale_capture(extra_args or {}, sink))
+            seen.setdefault("scales", []).append(sink.get("cond_scale"))
             sp.report_step(callback, x, i, sigmas[i], d)
             x = sp.ddim_step(x, d, sigmas[i], sigmas[i + 1])
         return x
@@ -196,5 +198,6 @@ def test_sampler_from_function_through_sampler_custom_equals_stock_euler_and_get
     mine = run(sp.sampler_from_function(ddim, tag="hello"))
     euler = run(call_node("KSamplerSelect", sampler_name="euler")[0])
     assert seen["tag"] == "hello"
+    assert seen["scales"] == [5.0] * 4  # the guider's cfg, through the public pre-CFG hook, at every step
     torch.testing.assert_close(mine, euler, rtol=1e-4, atol=1e-4)  # float32: x + dt·d vs x + (σ′−σ)(x−D)/σ
     assert float(mine.abs().max()) > 0

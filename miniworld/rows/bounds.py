@@ -8,15 +8,15 @@ from ..registry import Personalised, register
 
 
 @register("real", "real images (world renders)", order=10, tuned=False)
-def real(b, heldout, index):
-    return Personalised(images=b.real_images(heldout))
+def real(bench, heldout, index):
+    return Personalised(images=bench.real_images(heldout))
 
 
 @register("base-class", "base model, class word only", order=20, tuned=False, floor=True)
-def base_class(b, heldout, index):
-    return Personalised(b.model, b.clip, list(heldout.prompts))
+def base_class(bench, heldout, index):
+    return Personalised(bench.model, bench.clip, list(heldout.prompts))
 
 
 @register("base-full", "base model, full description", order=30, tuned=False, baseline=True)
-def base_full(b, heldout, index):
-    return Personalised(b.model, b.clip, [world.caption(heldout.subject, sc) for sc in heldout.scenes])
+def base_full(bench, heldout, index):
+    return Personalised(bench.model, bench.clip, [world.caption(heldout.subject, sc) for sc in heldout.scenes])

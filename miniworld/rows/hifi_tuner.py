@@ -10,26 +10,26 @@ from .. import world
 from ..registry import Personalised, register
 
 
-def hifi(b, heldout, index, *, key: str, use_mask: bool = True, use_regularisation: bool = True,
+def hifi(bench, heldout, index, *, key: str, use_mask: bool = True, use_regularisation: bool = True,
          use_stepwise: bool = True):
-    c = b.cfg
-    images, masks = b.references(heldout)
+    config = bench.cfg
+    images, masks = bench.references(heldout)
     t0 = time.perf_counter()
-    subject, _loss, file_name = b.call(
-        "PersonalizeHiFiSubjectTune", model=b.model, clip=b.clip, vae=b.vae, images=images,
+    subject, _loss, file_name = bench.call(
+        "PersonalizeHiFiSubjectTune", model=bench.model, clip=bench.clip, vae=bench.vae, images=images,
         caption=f"a photo of {world.article(heldout.class_word)} {heldout.class_word}", n_tokens=5,
-        global_steps=c.hifi_global_steps, steps_per_step=c.hifi_steps_per_step, sampling_steps=c.sampler_steps,
-        learning_rate=c.hifi_lr, reg_weight=c.hifi_reg_weight, seed=c.seed + index,
-        subject_name=b.artifact_name(key, index), overwrite=True, mask=masks, batch_size=c.batch_size,
+        global_steps=config.hifi_global_steps, steps_per_step=config.hifi_steps_per_step, sampling_steps=config.sampler_steps,
+        learning_rate=config.hifi_lr, reg_weight=config.hifi_reg_weight, seed=config.seed + index,
+        subject_name=bench.artifact_name(key, index), overwrite=True, mask=masks, batch_size=config.batch_size,
         use_mask=use_mask, use_regularisation=use_regularisation, use_stepwise=use_stepwise)
     seconds = time.perf_counter() - t0
 
     def transform(conditioning):
-        return b.call("PersonalizeHiFiSubjectConditioning", conditioning=conditioning, subject=subject,
+        return bench.call("PersonalizeHiFiSubjectConditioning", conditioning=conditioning, subject=subject,
                       use_stepwise=use_stepwise)[0]
 
-    return Personalised(b.model, b.clip, list(heldout.prompts), seconds,
-                        b.artifact("personalize_subjects", file_name).stat().st_size, transform)
+    return Personalised(bench.model, bench.clip, list(heldout.prompts), seconds,
+                        bench.artifact("personalize_subjects", file_name).stat().st_size, transform)
 
 
 for _order, _key, _title, _switches in (
