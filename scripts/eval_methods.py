@@ -4,7 +4,8 @@ seeds, printed as a table with 95 % bootstrap intervals over subjects and paired
 rows (full description, Textual Inversion, DreamBooth-LoRA) on the same subjects, draws, prompts and seeds.
 
     .venv/bin/python scripts/eval_methods.py [--half reporting|tuning] [--subjects 12] [--draws 2] [--views 4]
-        [--seeds 2] [--methods ti,lora,hifi] [--set FIELD=VALUE] [--quick] [--json out.json] [--plot out.png]
+        [--seeds 2] [--methods ti,lora,hifi] [--set FIELD=VALUE] [--quick] [--threads 1] [--json out.json]
+        [--plot out.png]
 
 --quick is the short version CI runs (the tuning half's first 2 subjects, 1 draw, 1 seed, the gated rows). Sweeps
 (--set, --methods) belong on the tuning half (--half tuning); on the reporting half they are refused unless
@@ -64,6 +65,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the short CI version")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a numeric BenchConfig field, e.g. --set ti_steps=500")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1, the README tables' setting). The scores depend on it: with 2 "
+                        "threads instead of 1 a 200-step LoRA trained from the same seed ends 47 %% away in weight "
+                        "norm (float sums in another order, amplified by training), so tables are reproduced at "
+                        "the thread count in their header")
     p.add_argument("--json", default="", help="write rows, per-subject scores, intervals and paired differences here")
     p.add_argument("--plot", default="", help="per-subject plot PNG (default: beside --json, else not written)")
     args = p.parse_args(argv)
@@ -75,6 +81,7 @@ def main(argv=None) -> int:
     import nodes
     import torch
     comfy.utils.PROGRESS_BAR_ENABLED = False  # one tqdm bar per sampled image otherwise
+    torch.set_num_threads(args.threads)
     bench, report, registry = h.pack("miniworld.benchmark"), h.pack("miniworld.report"), h.pack("miniworld.registry")
     ev_mod, mf = h.pack("miniworld.evaluators"), h.pack("core.mini_family")
 
