@@ -46,7 +46,7 @@ def write_subject_folder(input_dir: Path, folder: str = DEMO_FOLDER, n: int = 3,
     return out
 
 
-MINI_DEMO_FOLDER = "personalize_mini_demo_subject"
+MINI_DEMO_FOLDER = "personalize_mini_demo_subject"  # the name the V1 mini demo workflow reads (tests/data)
 MINI_DEMO_SUBJECT = "striped red star"
 """The held-out mini-world subject the mini demo workflow personalises (never seen in base training)."""
 
