@@ -95,9 +95,10 @@ def launch(playwright, *, width: int = 1600, height: int = 1000):
 
 
 # Settings of the browser session: open on the graph (no template browser on first run), no minimap over the graph,
-# text drawn at every zoom level (screenshots of a whole workflow are zoomed out).
+# text drawn at every zoom level (screenshots of a whole workflow are zoomed out), and a reloaded page opens empty (no
+# workflow restored from the previous load, whose warnings would show again).
 FIRST_RUN_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
-                      "LiteGraph.Canvas.MinFontSizeForLOD": 1}
+                      "LiteGraph.Canvas.MinFontSizeForLOD": 1, "Comfy.Workflow.Persist": False}
 
 
 def server_args(static_dir: Path) -> list[str]:
@@ -210,3 +211,58 @@ def overlaps(a: dict, b: dict, title_height: float) -> bool:
     ax, ay, aw, ah = a["pos"][0], a["pos"][1] - title_height, a["size"][0], a["size"][1] + title_height
     bx, by, bw, bh = b["pos"][0], b["pos"][1] - title_height, b["size"][0], b["size"][1] + title_height
     return ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
+
+
+# -- what a user sees on opening a workflow: the missing-model warning -----------------------------------------------
+# Frontend <= 1.3x: a "Missing Models" dialog listing "<directory> / <file>" rows, each with Download and Copy URL
+# (models named in a node's ``properties.models`` whose file the server lacks). Frontend 1.58: a toast ("<file> is
+# missing", View details) opening the right-side panel's Issues tab: one error group per kind of problem
+# (``data-testid="error-group-missing-model"``, ...), a row per model with a Copy URL button. Copy URL is how both
+# expose the download URL (1.58 copies the Hugging Face page, ``/blob/`` for ``/resolve/``); the page's clipboard is
+# replaced by a recorder to read it.
+
+_RECORD_CLIPBOARD_JS = """() => { window.__personalizeCopied = [];
+  navigator.clipboard.writeText = t => { window.__personalizeCopied.push(t); return Promise.resolve(); }; }"""
+
+
+def _copied_text(page, button) -> str:
+    page.evaluate(_RECORD_CLIPBOARD_JS)
+    button.click()
+    page.wait_for_function("() => window.__personalizeCopied.length > 0", timeout=10_000)
+    return page.evaluate("() => window.__personalizeCopied[0]")
+
+
+def missing_model_warning(page, timeout_s: float = 10) -> dict | None:
+    """The missing-model warning the frontend shows after a workflow was loaded, or None when it shows none within
+    ``timeout_s``: ``{"ui": "dialog" | "panel", "models": [{"directory", "name", "url"}], "issues": [...]}`` where
+    ``issues`` names every kind of problem the panel lists (frontend 1.58; the dialog's is ``["missing-model"]``)."""
+    dialog = page.locator("[role=dialog]").filter(has_text="Missing Models")
+    details = page.get_by_text("View details", exact=True)
+    try:
+        page.wait_for_function(
+            """() => Array.from(document.querySelectorAll('[role=dialog], button')).some(e =>
+                 (e.getAttribute('role') === 'dialog' && e.innerText.includes('Missing Models'))
+                 || e.innerText.trim() === 'View details')""", timeout=timeout_s * 1000)
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError: nothing shown
+        return None
+    if dialog.count():
+        box = dialog.first
+        rows = [line.split(" / ", 1) for line in box.inner_text().splitlines() if " / " in line]
+        buttons = box.get_by_text("Copy URL", exact=True)
+        models = [{"directory": d.strip(), "name": n.strip(), "url": _copied_text(page, buttons.nth(i))}
+                  for i, (d, n) in enumerate(rows)]
+        return {"ui": "dialog", "models": models, "issues": ["missing-model"]}
+    details.first.click()
+    page.wait_for_selector("[data-testid^=error-group-]", timeout=10_000)
+    groups = page.locator("[data-testid^=error-group-]")
+    issues = sorted({groups.nth(i).get_attribute("data-testid").removeprefix("error-group-")
+                     for i in range(groups.count())} - {"display-message"})
+    rows = page.locator("[data-testid=missing-model-importable-rows] > div")
+    models = []
+    for i in range(rows.count()):
+        row = rows.nth(i)
+        name = row.locator("button[title]:not([aria-label])").first.get_attribute("title")
+        directory = row.locator("xpath=.//button[@title and not(@aria-label)]/parent::span/following-sibling::span[1]")
+        models.append({"directory": directory.first.inner_text().strip() if directory.count() else None, "name": name,
+                       "url": _copied_text(page, row.locator("button[aria-label='Copy URL']").first)})
+    return {"ui": "panel", "models": models, "issues": issues}

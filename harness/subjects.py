@@ -1,5 +1,6 @@
 """Subject photos for tests and the demo: a synthetic striped disc (for the random SD-shaped fixtures) and held-out
-mini-world subjects (for the trained mini model)."""
+mini-world subjects (for the trained mini model), and the folders the pack ships in ``subjects/``
+(``scripts/build_subjects.py`` writes them with :func:`write_shipped_subjects`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,7 +46,7 @@ def write_subject_folder(input_dir: Path, folder: str = DEMO_FOLDER, n: int = 3,
     return out
 
 
-MINI_DEMO_FOLDER = "personalize_mini_demo_subject"
+MINI_DEMO_FOLDER = "personalize_mini_demo_subject"  # the name the V1 mini demo workflow reads (tests/data)
 MINI_DEMO_SUBJECT = "striped red star"
 """The held-out mini-world subject the mini demo workflow personalises (never seen in base training)."""
 
@@ -83,3 +84,34 @@ def write_heldout_subject_folder(input_dir: Path, folder: str = MINI_DEMO_FOLDER
         save_png(ref.image, out / f"subject_{i + 1}.png")
         save_png(ref.mask[..., None], out / f"subject_{i + 1}_mask.png")
     return out
+
+
+SHIPPED_SUBJECT = "striped_red_star"
+"""The pack's shipped subject folder (``subjects/<name>``): :data:`MINI_DEMO_SUBJECT`'s four reference views."""
+SHIPPED_PHOTO = "blue_circle_photo"
+"""The pack's shipped photo for HiFi Subject Replace: a blue circle (another subject) on the grass, with the mask of
+the region a new subject may take."""
+PHOTO_SUBJECT, PHOTO_SCENE, PHOTO_SEED = ("circle", "blue"), "grass", 11
+
+
+def write_replace_photo_folder(base: Path, folder: str = SHIPPED_PHOTO) -> Path:
+    """One mini-world photo for subject replacement as ``photo.png`` + ``photo_mask.png`` in ``<base>/<folder>``: a
+    plain blue circle on the grass at a fixed pose (centred, half-size 17), its mask widened by 3 px so that a
+    subject of another shape has room."""
+    import torch.nn.functional as F
+    world = _pack_module("miniworld.world")
+    shot = world.render(world.Subject(*PHOTO_SUBJECT), PHOTO_SCENE, seed=PHOTO_SEED, x=32.0, y=33.0, scale=17.0,
+                        rotation=0.0)
+    region = F.max_pool2d((shot.mask > 0.05).float()[None, None], 7, stride=1, padding=3)[0, 0]
+    out = Path(base) / folder
+    out.mkdir(parents=True, exist_ok=True)
+    save_png(shot.image, out / "photo.png")
+    save_png(region[..., None], out / "photo_mask.png")
+    return out
+
+
+def write_shipped_subjects(base: Path) -> list[Path]:
+    """The folders the pack ships under ``subjects/`` (what Load Subject Images finds on a fresh install):
+    :data:`SHIPPED_SUBJECT` (the held-out demo subject's four 64 px reference views with masks; the mini world
+    renders at 64 px only) and :data:`SHIPPED_PHOTO`. Deterministic: a pure function of the world's seeds."""
+    return [write_heldout_subject_folder(base, folder=SHIPPED_SUBJECT), write_replace_photo_folder(base)]

@@ -1,7 +1,9 @@
-"""Loading a subject's reference photos (and masks) from a folder of ComfyUI's input directory."""
+"""Loading a subject's reference photos (and masks) from a folder of ComfyUI's input directory, or of the pack's
+shipped subjects."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +17,9 @@ from . import sockets as S
 NODE = "Load Subject Images"
 
 _EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PACK_SUBJECTS = str(Path(__file__).resolve().parents[1] / "subjects")
+"""Subject folders the pack ships (``scripts/build_subjects.py``): found when ComfyUI's input directory has no folder
+of that name, so the example workflows run on a fresh install."""
 
 
 def _square(img, size: int):
@@ -27,16 +32,36 @@ def _square(img, size: int):
     return img.resize((size, size), Image.LANCZOS)
 
 
+def _inside(base: str, folder: str) -> str | None:
+    """``<base>/<folder>`` when it is a directory inside ``base`` (no escape through ``..`` or links), else None."""
+    base = os.path.realpath(base)
+    path = os.path.realpath(os.path.join(base, folder))
+    return path if path.startswith(base + os.sep) and os.path.isdir(path) else None
+
+
+def find_subject_folder(folder: str) -> str | None:
+    """The subject folder's path: ``<ComfyUI input>/<folder>`` first, then the pack's shipped ``subjects/<folder>``;
+    None when neither has it."""
+    import folder_paths
+    return _inside(folder_paths.get_input_directory(), folder) or _inside(PACK_SUBJECTS, folder)
+
+
 def load_subject_folder(folder: str, size: int):
-    """Read ``<input>/<folder>``: photos, plus a mask per photo from ``<name>_mask.<ext>`` (white = subject) or
-    from the photo's alpha channel (opaque = subject, as background-removal tools write); else all ones."""
+    """Read the subject folder (:func:`find_subject_folder`): photos, plus a mask per photo from
+    ``<name>_mask.<ext>`` (white = subject) or from the photo's alpha channel (opaque = subject, as
+    background-removal tools write); else all ones."""
     import folder_paths
     from PIL import Image, ImageOps
     check_file_name(NODE, "folder", folder, suffix="")
-    base = os.path.realpath(folder_paths.get_input_directory())
-    path = os.path.realpath(os.path.join(base, folder))
-    if not path.startswith(base + os.sep) or not os.path.isdir(path):
-        raise PersonalizeError(f"No folder '{folder}' in ComfyUI's input directory ({base}). Put the subject photos there.")
+    path = find_subject_folder(folder)
+    if path is None:
+        shipped = sorted(f for f in os.listdir(PACK_SUBJECTS)
+                         if os.path.isdir(os.path.join(PACK_SUBJECTS, f))) if os.path.isdir(PACK_SUBJECTS) else []
+        raise PersonalizeError(
+            f"{NODE}: no folder '{folder}' in ComfyUI's input directory "
+            f"({os.path.realpath(folder_paths.get_input_directory())}) nor among the subjects the pack ships "
+            f"({PACK_SUBJECTS}: {', '.join(shipped) or 'none'}). Put the subject photos in "
+            f"input/{folder}/, or type the name of a folder that exists.")
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(_EXTS) and "_mask." not in f.lower())
     if not files:
         raise PersonalizeError(f"The folder '{folder}' has no images ({', '.join(_EXTS)}).")
@@ -80,11 +105,15 @@ class LoadSubjectImages(io.ComfyNode):
             node_id="PersonalizeLoadSubjectImages",
             display_name="Load Subject Images (folder)",
             category=S.CATEGORY + "/utils",
-            description=("Loads all photos of a subject from a folder in ComfyUI's input directory, centre-cropped to "
-                         "squares, with masks from <name>_mask.png files or the photos' alpha channel."),
+            description=("Loads all photos of a subject from a folder in ComfyUI's input directory (or, when that has "
+                         "no such folder, from the subjects the pack ships), centre-cropped to squares, with masks "
+                         "from <name>_mask.png files or the photos' alpha channel."),
             search_aliases=["subject photos", "load image folder", "reference images"],
             inputs=[
-                io.String.Input("folder", default="subject", tooltip="Folder inside ComfyUI's input directory."),
+                io.String.Input("folder", default="subject",
+                                tooltip="Folder inside ComfyUI's input directory; when that has none of this name, "
+                                        "the pack's own subjects/ folder (the example subjects it ships) is "
+                                        "searched."),
                 io.Int.Input("size", default=512, min=0, max=4096, step=8,
                              tooltip="Square size to crop and resize to (0 = keep the photos' own size)."),
             ],
@@ -93,10 +122,9 @@ class LoadSubjectImages(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder, size):
-        import folder_paths
-        path = os.path.join(folder_paths.get_input_directory(), folder)
         try:
-            if not os.path.isdir(path):
+            path = find_subject_folder(folder)
+            if path is None:
                 return ""
             return ";".join(f"{f}:{os.path.getmtime(os.path.join(path, f))}" for f in sorted(os.listdir(path)))
         except OSError:  # e.g. a name too long: execute() says so

@@ -16,11 +16,20 @@ PACK_MODELS = str(mini_family.PACK_MODELS)
 
 def register_folder() -> None:
     """A ``folder_paths`` entry only (no file system work): the pack's own models/ first, then ComfyUI's
-    models/personalize/mini."""
+    models/personalize/mini. When the folder is registered already (an ``extra_model_paths.yaml`` entry), that entry
+    is kept and the pack's models/ is added at its end, so the shipped mini_world.safetensors is always listed; an
+    entry registered without extensions is narrowed to ``.safetensors``."""
     import folder_paths
-    if FOLDER not in folder_paths.folder_names_and_paths:
+    entry = folder_paths.folder_names_and_paths.get(FOLDER)
+    if entry is None:
         folder_paths.folder_names_and_paths[FOLDER] = (
             [PACK_MODELS, os.path.join(folder_paths.models_dir, "personalize", "mini")], {".safetensors"})
+        return
+    paths, extensions = entry
+    if not any(os.path.normcase(os.path.abspath(p)) == os.path.normcase(PACK_MODELS) for p in paths):
+        paths.append(PACK_MODELS)
+    if isinstance(extensions, set) and not extensions:
+        extensions.add(".safetensors")
 
 
 class LoadMiniModel(io.ComfyNode):

@@ -10,43 +10,283 @@ Chromium in both frontends the browser test runs). Nodes stand in columns by dat
 its rightmost input; a node that only feeds others pulled right to just before its first consumer); each group of
 ``GROUPS`` is a horizontal band of its own, so groups never overlap and nodes never do; a short note opens a band
 where a person needs one. ``tests/test_frontend.py`` checks the result in the real frontend.
+
+Two workflows per method (``METHODS``), one graph built for two targets (``Target``):
+
+* ``<method>_mini.json`` runs out of the box, offline: the pack's mini model (Load Mini Model, mini_world.safetensors)
+  and the subject the pack ships (``subjects/striped_red_star``, Load Subject Images finds it on a fresh install),
+  64 px, the mini-world benchmark's settings;
+* ``<method>_sd15.json`` is set for a real SD1.5 checkpoint at 512 px (``v1-5-pruned-emaonly-fp16.safetensors``, with
+  the download the frontend's missing-model dialog offers, ``MODEL_DOWNLOADS``) and the papers' settings, with notes
+  on where a user's photos go and what to change.
+
+``SD15_FAST`` and ``SD15_AT_64`` are the same graphs with the values the tests and the thumbnails run instead
+(``harness.workflow_variants``); the files themselves stay what a user needs. No workflow reads a file its own run
+writes: a node that would (HiFi Load Subject, for a later session) is muted. Files in workflows/ that no graph
+names are removed (with their thumbnails).
 """
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / ".pythonpath"))  # `harness` only, never the repo root (see harness/__init__.py)
 SIZE_TABLE = ROOT / "scripts" / "node_sizes.json"
+log = logging.getLogger("build_workflows")
 
-DEMO_CKPT = "personalize_test_sd15.safetensors"
 MINI_CKPT = "mini_world.safetensors"  # the trained mini family shipped in the pack's models/ (make mini-world)
-MINI_SUBJECT = "personalize_mini_demo_subject"  # harness.subjects.write_heldout_subject_folder: a held-out subject
-MINI_CLASS = "star"
+SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"  # the name ComfyUI's own SD1.5 templates use
+# The download a frontend offers for a missing model: ``properties.models`` of the loader node, the format of ComfyUI's
+# own templates (comfyui-workflow-templates' CheckpointLoaderSimple nodes); frontend 1.58 reads {name, url, directory,
+# hash?, hash_type?} of the entries whose name is one of the node's widget values.
+MODEL_DOWNLOADS = {
+    SD15_CKPT: {"name": SD15_CKPT, "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                + SD15_CKPT, "directory": "checkpoints"},
+}
+SUBJECT = "striped_red_star"  # subjects/ of the pack (scripts/build_subjects.py): a held-out mini-world subject
+PHOTO = "blue_circle_photo"   # subjects/ of the pack: a photo (a blue circle on the grass) with the region to replace
+CLASS_WORD = "star"
+TOKEN = "sks"
 MINI_SCENES = ("on the grass", "in the snow", "under the night sky")
+MUTED = {"mode": 2}  # a node the frontend shows but never queues (LiteGraph mode NEVER)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What differs between a method's two workflows: ``mini`` (the pack's mini model, offline, 64 px; the settings
+    of the mini-world benchmark, miniworld/benchmark.py BenchConfig) and ``sd15`` (a real SD1.5 checkpoint at 512 px,
+    the papers' settings). The graphs are the same; only the loader and these values differ."""
+    name: str
+    size: int                     # pixels: subject photos, latents
+    batch: int                    # images per prompt
+    negative: str                 # negative prompt of Textual Inversion and LoRA sampling (HiFi: always "")
+    sampler: tuple                # (steps, cfg, sampler_name, scheduler) for Textual Inversion and LoRA
+    ddim_steps: int               # DDIM steps of the HiFi, inversion and replacement workflows (ddim_uniform)
+    cfg: float                    # cfg of those
+    ti: dict = field(default_factory=dict)         # Train Subject Embedding
+    lora: dict = field(default_factory=dict)       # Train Subject LoRA
+    hifi: dict = field(default_factory=dict)       # HiFi Subject Tune (its sampling_steps = ddim_steps)
+    guidance: dict = field(default_factory=dict)   # HiFi Reference-Guided Sampler
+    null_text: dict = field(default_factory=dict)  # Invert Image and HiFi Subject Replace
+    checkpointing: bool = False   # gradient checkpointing in the training nodes (memory on a consumer GPU)
 
-def _hifi_tune(**inputs) -> dict:
-    """HiFi Subject Tune's inputs wired to nodes 1 (a loader) and 2 (Load Subject Images), with the short test
-    settings unless ``inputs`` say otherwise."""
-    return {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0), "mask": (2, 1),
-            "caption": "a photo of an object", "n_tokens": 5, "global_steps": 4, "steps_per_step": 1,
-            "learning_rate": 0.005, "reg_weight": 0.005, "use_mask": True, "use_regularisation": True,
-            "use_stepwise": True, "seed": 0, "overwrite": True, "batch_size": 1, "gradient_checkpointing": False,
-            "mixed_precision": "auto", **inputs}
+
+MINI = Target(
+    "mini", size=64, batch=4, negative="", sampler=(20, 5.0, "ddim", "ddim_uniform"), ddim_steps=20, cfg=5.0,
+    ti={"steps": 300, "learning_rate": 5e-3, "batch_size": 8},
+    lora={"rank": 4, "steps": 200, "learning_rate": 6e-3, "batch_size": 2},
+    hifi={"global_steps": 300, "steps_per_step": 3, "learning_rate": 2e-2, "batch_size": 2},
+    guidance={"t_start": 16, "t_end": 4, "inner_steps": 5, "learning_rate": 1e-2},
+    null_text={"null_text_steps": 10, "learning_rate": 1e-2})
+SD15 = Target(
+    "sd15", size=512, batch=2, negative="blurry, low quality, deformed", sampler=(25, 7.0, "dpmpp_2m", "karras"),
+    ddim_steps=50, cfg=7.5,
+    # Gal et al. 2022: lr 5e-3; a few thousand steps (diffusers' textual_inversion example: 3000).
+    ti={"steps": 2500, "learning_rate": 5e-3, "batch_size": 2},
+    # DreamBooth with a LoRA: rank 8, lr 1e-4, a few hundred steps on 3-5 photos.
+    lora={"rank": 8, "steps": 600, "learning_rate": 1e-4, "batch_size": 1},
+    # HiFi Tuner (Wang et al. 2023): 1000 global steps at 5e-3, 10 per timestep of a 50-step DDIM schedule.
+    hifi={"global_steps": 1000, "steps_per_step": 10, "learning_rate": 5e-3, "batch_size": 1},
+    guidance={"t_start": 40, "t_end": 10, "inner_steps": 10, "learning_rate": 1e-2},
+    null_text={"null_text_steps": 10, "learning_rate": 1e-2}, checkpointing=True)
+# What the tests and scripts/render_thumbnails.py run in place of an _sd15 file (harness.workflow_variants): the same
+# graph at 64 px, on the shipped mini model with the file's own settings (thumbnails), or on the tiny random SD1.5
+# test checkpoint with a few steps (tests).
+SD15_AT_64 = replace(SD15, size=64)
+SD15_FAST = replace(
+    SD15, size=64, batch=1, sampler=(3, 7.0, "dpmpp_2m", "karras"), ddim_steps=4,
+    ti={"steps": 3, "learning_rate": 5e-3, "batch_size": 1},
+    lora={"rank": 4, "steps": 3, "learning_rate": 1e-4, "batch_size": 1},
+    hifi={"global_steps": 3, "steps_per_step": 1, "learning_rate": 5e-3, "batch_size": 1},
+    guidance={"t_start": 3, "t_end": 1, "inner_steps": 1, "learning_rate": 1e-2},
+    null_text={"null_text_steps": 2, "learning_rate": 1e-2}, checkpointing=False)
+TARGETS = {"mini": MINI, "sd15": SD15}
+
+
+def _loader(t: Target) -> tuple:
+    if t.name == "mini":
+        return (1, "PersonalizeLoadMiniModel", {"ckpt_name": MINI_CKPT}, "Load Mini Model (swap for Load Checkpoint)")
+    return (1, "CheckpointLoaderSimple", {"ckpt_name": SD15_CKPT}, None)
+
+
+def _subject(t: Target) -> tuple:
+    return (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": t.size}, "Subject photos")
+
+
+def _ksampler(model, positive, negative, latent, seed, t: Target, ddim: bool = False) -> dict:
+    steps, cfg, sampler, scheduler = (t.ddim_steps, t.cfg, "ddim", "ddim_uniform") if ddim else t.sampler
+    return {"model": model, "positive": positive, "negative": negative, "latent_image": latent, "seed": seed,
+            "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}
+
+
+def _training(t: Target) -> dict:
+    return {"seed": 0, "overwrite": True, "gradient_checkpointing": t.checkpointing, "mixed_precision": "auto"}
+
+
+def _hifi_tune(t: Target, subject_name: str) -> tuple:
+    return (3, "PersonalizeHiFiSubjectTune", {
+        "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0), "mask": (2, 1),
+        "caption": f"a photo of a {CLASS_WORD}", "n_tokens": 5, "sampling_steps": t.ddim_steps, "reg_weight": 5e-3,
+        "use_mask": True, "use_regularisation": True, "use_stepwise": True, "subject_name": subject_name,
+        **t.hifi, **_training(t)}, None)
+
+
+def textual_inversion(t: Target) -> list:
+    return [
+        _loader(t), _subject(t),
+        (3, "PersonalizeTrainSubjectEmbedding", {
+            "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0), "mask": (2, 1), "placeholder": TOKEN,
+            "init_word": CLASS_WORD, "embedding_name": f"{SUBJECT}_{t.name}", "preview_every": 0, **t.ti,
+            **_training(t)}, None),
+        (4, "CLIPTextEncode", {"clip": (3, 0), "text": f"a photo of a {TOKEN} on the beach"}, "Positive (uses sks)"),
+        (5, "CLIPTextEncode", {"clip": (1, 1), "text": t.negative}, "Negative"),
+        (6, "EmptyLatentImage", {"width": t.size, "height": t.size, "batch_size": t.batch}, None),
+        (7, "KSampler", _ksampler((1, 0), (4, 0), (5, 0), (6, 0), 42, t), None),
+        (8, "VAEDecode", {"samples": (7, 0), "vae": (1, 2)}, None),
+        (9, "SaveImage", {"images": (8, 0), "filename_prefix": f"personalize/textual_inversion_{t.name}"}, None),
+        (10, "PersonalizeLossGraph", {"loss": (3, 2), "width": 512, "height": 256}, None),
+        (11, "SaveImage", {"images": (10, 0), "filename_prefix": f"personalize/textual_inversion_{t.name}_loss"},
+         None),
+    ]
+
+
+def dreambooth_lora(t: Target) -> list:
+    return [
+        _loader(t), _subject(t),
+        (3, "PersonalizeTrainSubjectLoRA", {
+            "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0), "mask": (2, 1),
+            "instance_prompt": f"a photo of a {TOKEN} {CLASS_WORD}", "layers": "attention",
+            "train_text_encoder": False, "lora_name": f"{SUBJECT}_{t.name}_lora", "preview_every": 0,
+            "class_prompt": "", "prior_loss_weight": 1.0, "alpha": 0.0, **t.lora, **_training(t)}, None),
+        (4, "CLIPTextEncode", {"clip": (3, 1), "text": f"a photo of a {TOKEN} {CLASS_WORD} in the snow"},
+         "Positive (uses sks)"),
+        (5, "CLIPTextEncode", {"clip": (3, 1), "text": t.negative}, "Negative"),
+        (6, "EmptyLatentImage", {"width": t.size, "height": t.size, "batch_size": t.batch}, None),
+        (7, "KSampler", _ksampler((3, 0), (4, 0), (5, 0), (6, 0), 42, t), None),
+        (8, "VAEDecode", {"samples": (7, 0), "vae": (1, 2)}, None),
+        (9, "SaveImage", {"images": (8, 0), "filename_prefix": f"personalize/dreambooth_lora_{t.name}"}, None),
+        (11, "PersonalizeLossGraph", {"loss": (3, 3), "width": 512, "height": 256}, None),
+        (12, "SaveImage", {"images": (11, 0), "filename_prefix": f"personalize/dreambooth_lora_{t.name}_loss"},
+         None),
+    ]
+
+
+def hifi_subject_tune(t: Target) -> list:
+    subject_name = f"{SUBJECT}_{t.name}"
+    return [
+        _loader(t), _subject(t), _hifi_tune(t, subject_name),
+        (4, "CLIPTextEncode", {"clip": (1, 1), "text": f"a photo of a {CLASS_WORD} on the beach"},
+         "Positive (class word)"),
+        (5, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
+        (6, "PersonalizeHiFiSubjectConditioning", {"conditioning": (4, 0), "subject": (3, 0), "use_stepwise": True},
+         None),
+        (7, "EmptyLatentImage", {"width": t.size, "height": t.size, "batch_size": t.batch}, None),
+        (8, "KSampler", _ksampler((1, 0), (6, 0), (5, 0), (7, 0), 42, t, ddim=True), None),
+        (9, "VAEDecode", {"samples": (8, 0), "vae": (1, 2)}, None),
+        (10, "SaveImage", {"images": (9, 0), "filename_prefix": f"personalize/hifi_subject_tune_{t.name}"}, None),
+        (16, "PersonalizeLossGraph", {"loss": (3, 1), "width": 512, "height": 256}, None),
+        (17, "SaveImage", {"images": (16, 0), "filename_prefix": f"personalize/hifi_subject_tune_{t.name}_loss"},
+         None),
+        # A later session: the file this workflow saved, without tuning again. Muted: no run reads a file that the
+        # same run writes.
+        (11, "PersonalizeHiFiLoadSubject", {"subject_file": f"{subject_name}.safetensors"}, "Saved subject", MUTED),
+        (12, "PersonalizeHiFiSubjectConditioning", {"conditioning": (4, 0), "subject": (11, 0), "use_stepwise": True},
+         None, MUTED),
+        (13, "KSampler", _ksampler((1, 0), (12, 0), (5, 0), (7, 0), 43, t, ddim=True), None, MUTED),
+        (14, "VAEDecode", {"samples": (13, 0), "vae": (1, 2)}, None, MUTED),
+        (15, "SaveImage", {"images": (14, 0), "filename_prefix": f"personalize/hifi_saved_subject_{t.name}"}, None,
+         MUTED),
+    ]
+
+
+def hifi_reference_guided(t: Target) -> list:
+    half, quarter = t.size // 2, t.size // 4
+    return [
+        _loader(t), _subject(t), _hifi_tune(t, f"{SUBJECT}_{t.name}_reference"),
+        (4, "CLIPTextEncode", {"clip": (1, 1), "text": f"a photo of a {CLASS_WORD} on the beach"},
+         "Positive (class word)"),
+        (5, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
+        (6, "PersonalizeHiFiSubjectConditioning", {"conditioning": (4, 0), "subject": (3, 0), "use_stepwise": True},
+         None),
+        (7, "EmptyLatentImage", {"width": t.size, "height": t.size, "batch_size": 1}, None),
+        (8, "BasicScheduler", {"model": (1, 0), "scheduler": "ddim_uniform", "steps": t.ddim_steps, "denoise": 1.0},
+         None),
+        (9, "KSamplerSelect", {"sampler_name": "euler"}, "DDIM (= euler on these sigmas)"),
+        (10, "SamplerCustom", {"model": (1, 0), "add_noise": True, "noise_seed": 42, "cfg": t.cfg, "positive": (6, 0),
+                               "negative": (5, 0), "sampler": (9, 0), "sigmas": (8, 0), "latent_image": (7, 0)},
+         "1st pass: unguided"),
+        (11, "VAEDecode", {"samples": (10, 0), "vae": (1, 2)}, None),
+        (12, "SaveImage", {"images": (11, 0), "filename_prefix": f"personalize/hifi_reference_unguided_{t.name}"},
+         None),
+        (13, "SolidMask", {"value": 0.0, "width": t.size, "height": t.size}, None),
+        (14, "SolidMask", {"value": 1.0, "width": half, "height": half}, None),
+        (15, "MaskComposite", {"destination": (13, 0), "source": (14, 0), "x": quarter, "y": quarter,
+                               "operation": "add"}, "Generated-subject mask (a stand-in)"),
+        (16, "CLIPTextEncode", {"clip": (1, 1), "text": f"a photo of a {CLASS_WORD}"}, "Reference caption"),
+        (17, "PersonalizeHiFiReferenceGuidedSampler", {
+            "model": (1, 0), "vae": (1, 2), "subject": (3, 0), "reference_conditioning": (16, 0), "sigmas": (8, 0),
+            "reference_images": (2, 0), "reference_masks": (2, 1), "generated_mask": (15, 0), **t.guidance,
+            "reference_index": 0, "generated_image": (11, 0)}, None),
+        (18, "SamplerCustom", {"model": (1, 0), "add_noise": True, "noise_seed": 42, "cfg": t.cfg, "positive": (6, 0),
+                               "negative": (5, 0), "sampler": (17, 0), "sigmas": (8, 0), "latent_image": (7, 0)},
+         "2nd pass: same seed, reference-guided"),
+        (19, "VAEDecode", {"samples": (18, 0), "vae": (1, 2)}, None),
+        (20, "SaveImage", {"images": (19, 0), "filename_prefix": f"personalize/hifi_reference_guided_{t.name}"}, None),
+    ]
+
+
+def hifi_subject_replace(t: Target) -> list:
+    return [
+        _loader(t), _subject(t), _hifi_tune(t, f"{SUBJECT}_{t.name}_replace"),
+        (4, "PersonalizeLoadSubjectImages", {"folder": PHOTO, "size": t.size}, "The photo and its region"),
+        (8, "BasicScheduler", {"model": (1, 0), "scheduler": "ddim_uniform", "steps": t.ddim_steps, "denoise": 1.0},
+         None),
+        (9, "PersonalizeHiFiSubjectReplace", {
+            "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (4, 0), "mask": (4, 1),
+            "caption": "a photo of a blue circle on the grass", "source_word": "circle", "target_word": CLASS_WORD,
+            "sigmas": (8, 0), "cfg": t.cfg, **t.null_text, "cross_replace": 0.8, "subject": (3, 0),
+            "use_stepwise": True}, None),
+        (10, "ImageCompositeMasked", {"destination": (4, 0), "source": (9, 0), "x": 0, "y": 0,
+                                      "resize_source": False, "mask": (4, 1)}, "Keep the photo outside the mask"),
+        (11, "SaveImage", {"images": (9, 0), "filename_prefix": f"personalize/hifi_subject_replace_{t.name}"}, None),
+        (12, "SaveImage", {"images": (10, 0),
+                           "filename_prefix": f"personalize/hifi_subject_replace_{t.name}_composite"}, None),
+    ]
+
+
+def invert_image(t: Target) -> list:
+    return [
+        _loader(t), _subject(t),
+        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, None),
+        (4, "VAEEncode", {"pixels": (3, 0), "vae": (1, 2)}, None),
+        (5, "CLIPTextEncode", {"clip": (1, 1), "text": f"a photo of a striped red {CLASS_WORD} in the snow"},
+         "Caption (positive)"),
+        (6, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
+        (7, "BasicScheduler", {"model": (1, 0), "scheduler": "ddim_uniform", "steps": t.ddim_steps, "denoise": 1.0},
+         None),
+        (8, "PersonalizeInvertImage", {"model": (1, 0), "positive": (5, 0), "negative": (6, 0), "latent": (4, 0),
+                                       "sigmas": (7, 0), "cfg": t.cfg, **t.null_text, "fixed_point_iterations": 0,
+                                       "early_stop": 1e-5}, None),
+        (9, "SamplerCustom", {"model": (1, 0), "add_noise": False, "noise_seed": 0, "cfg": t.cfg, "positive": (5, 0),
+                              "negative": (6, 0), "sampler": (8, 2), "sigmas": (7, 0), "latent_image": (8, 0)},
+         "Reconstruct (same sigmas and cfg)"),
+        (10, "VAEDecode", {"samples": (9, 0), "vae": (1, 2)}, None),
+        (11, "SaveImage", {"images": (10, 0), "filename_prefix": f"personalize/invert_image_{t.name}"}, None),
+        (12, "SaveImage", {"images": (3, 0), "filename_prefix": f"personalize/invert_image_{t.name}_input"}, None),
+    ]
+
 
 def _mini_demo_graph() -> list:
     """Load Mini Model -> Load Subject Images -> HiFi Subject Tune (masked) -> per new scene: the class prompt with
     the subject's rows (HiFi Subject Conditioning) -> KSampler (ddim_uniform, the tuned timesteps) -> one batch."""
     graph = [
-        (1, "PersonalizeLoadMiniModel", {"ckpt_name": MINI_CKPT}, "Load Mini Model (swap for Load Checkpoint)"),
-        (2, "PersonalizeLoadSubjectImages", {"folder": MINI_SUBJECT, "size": 64}, "Reference views (held-out subject)"),
-        (3, "PersonalizeHiFiSubjectTune", _hifi_tune(
-            caption=f"a photo of a {MINI_CLASS}", global_steps=300, steps_per_step=3, sampling_steps=20,
-            learning_rate=0.02, subject_name="mini_demo_subject", batch_size=2), None),
+        _loader(MINI),
+        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, "Reference views (held-out subject)"),
+        _hifi_tune(MINI, "mini_demo_subject"),
         (4, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
         (5, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
     ]
@@ -54,12 +294,11 @@ def _mini_demo_graph() -> list:
     for k, scene in enumerate(MINI_SCENES):
         enc, cond, samp, dec = 10 + 4 * k, 11 + 4 * k, 12 + 4 * k, 13 + 4 * k
         graph += [
-            (enc, "CLIPTextEncode", {"clip": (1, 1), "text": f"a photo of a {MINI_CLASS} {scene}"}, f"Positive: {scene}"),
+            (enc, "CLIPTextEncode", {"clip": (1, 1), "text": f"a photo of a {CLASS_WORD} {scene}"},
+             f"Positive: {scene}"),
             (cond, "PersonalizeHiFiSubjectConditioning", {"conditioning": (enc, 0), "subject": (3, 0),
                                                           "use_stepwise": True}, None),
-            (samp, "KSampler", {"model": (1, 0), "positive": (cond, 0), "negative": (4, 0), "latent_image": (5, 0),
-                                "seed": 7 + k, "steps": 20, "cfg": 5.0, "sampler_name": "ddim",
-                                "scheduler": "ddim_uniform", "denoise": 1.0}, None),
+            (samp, "KSampler", _ksampler((1, 0), (cond, 0), (4, 0), (5, 0), 7 + k, MINI, ddim=True), None),
             (dec, "VAEDecode", {"samples": (samp, 0), "vae": (1, 2)}, None),
         ]
         decoded.append(dec)
@@ -72,98 +311,98 @@ def _mini_demo_graph() -> list:
         (41, "SaveImage", {"images": (2, 0), "filename_prefix": "personalize/mini_world_demo_references"}, None),
     ]
     return graph
-SUBJECT = "personalize_demo_subject"
-NEG = "blurry, low quality"
 
-# name -> (title, demo?, nodes); a node is (id, type, {input: value | (src_id, slot)}, title)
+
+MINI_NOTE = (f"Runs offline, out of the box: the pack's mini model (64 px) and the subject the pack ships "
+             f"(subjects/{SUBJECT}: four views of a mini-world subject the model never saw in pre-training), with "
+             "the mini-world benchmark's settings. For a real model, open the _sd15 version of this workflow.")
+
+
+def _sd15_note(what: str) -> str:
+    return (f"Model: {SD15_CKPT} in models/checkpoints (the missing-model dialog offers the download), or choose "
+            "any SD1.x checkpoint.\nYour subject: put 3-5 photos in a folder ComfyUI/input/<folder> (masks: "
+            "<photo>_mask.png, white = subject, or the photos' alpha) and type <folder> in Subject photos; until "
+            f"then it loads the pack's example subject ({SUBJECT}, 64 px renders).\n" + what)
+
+
+METHODS = {
+    "textual_inversion": ("Textual Inversion: learn a word for the subject, then use it in a prompt",
+                          textual_inversion),
+    "dreambooth_lora": ("DreamBooth-LoRA: fine-tune a LoRA on the subject, then sample with the tuned model",
+                        dreambooth_lora),
+    "hifi_subject_tune": ("HiFi Tuner: learn a subject, then place it in a new scene", hifi_subject_tune),
+    "hifi_reference_guided": ("HiFi Tuner: sample, then sample again guided by a reference photo (Algorithm 2)",
+                              hifi_reference_guided),
+    "hifi_subject_replace": ("HiFi Tuner: replace the subject of a photo by a learned subject (Algorithm 3)",
+                             hifi_subject_replace),
+    "invert_image": ("Invert an image (DDIM + null-text), then reconstruct it with SamplerCustom", invert_image),
+}
+
+
+def _groups(method: str, t: Target) -> list:
+    """[(group title, node ids, note or None)] of a method's workflow for target ``t``."""
+    def first(what: str) -> str:
+        return MINI_NOTE if t.name == "mini" else _sd15_note(what)
+
+    if method == "textual_inversion":
+        return [
+            ("1. Learn a new word for the subject (Textual Inversion)", [1, 2, 3, 10, 11], first(
+                "Set init_word to your subject's class word (dog, mug, ...). The word sks is saved as "
+                "models/embeddings/<embedding_name>; any prompt can use it as embedding:<embedding_name>.")),
+            ("2. Sample with the word", [4, 5, 6, 7, 8, 9], None),
+        ]
+    if method == "dreambooth_lora":
+        return [
+            ("1. Fine-tune a LoRA on the subject (DreamBooth)", [1, 2, 3, 11, 12], first(
+                "Replace 'star' in instance_prompt and in the prompt by your subject's class word (dog, mug, ...). "
+                "The LoRA is saved in models/loras; the stock Load LoRA node reads it.")),
+            ("2. Sample with the tuned model", [4, 5, 6, 7, 8, 9], None),
+        ]
+    if method == "hifi_subject_tune":
+        return [
+            ("1. Learn the subject (HiFi Tuner)", [1, 2, 3, 16, 17], first(
+                "Replace 'star' in the caption and the prompt by your subject's class word (dog, mug, ...). "
+                "Settings: the paper's (1000 global steps; 10 per timestep of a 50-step DDIM schedule).")),
+            ("2. Sample with the subject", [4, 5, 6, 7, 8, 9, 10], None),
+            ("3. A later session: the saved subject without tuning (muted)", [11, 12, 13, 14, 15],
+             "HiFi Subject Tune saves the subject in models/personalize/subjects. To reuse it later without tuning: "
+             "unmute this group's nodes (select them, Ctrl+M), refresh the lists (R), and mute group 2 and HiFi "
+             "Subject Tune."),
+        ]
+    if method == "hifi_reference_guided":
+        return [
+            ("1. Learn the subject (HiFi Tuner)", [1, 2, 3], first(
+                "Replace 'star' in the caption and the prompts by your subject's class word.")),
+            ("2. First pass: sample without guidance", [4, 5, 6, 7, 8, 9, 10, 11, 12], None),
+            ("3. Second pass: guided by a reference photo", [13, 14, 15, 16, 17, 18, 19, 20],
+             "Same seed, sigmas and cfg as the first pass. generated_mask marks the subject in the first image: here a "
+             "fixed centre square; use a segmentation of that image (e.g. SAM)."),
+        ]
+    if method == "hifi_subject_replace":
+        return [
+            ("1. Learn the subject (HiFi Tuner)", [1, 2, 3], first(
+                "Replace 'star' in the caption and in target_word by your subject's class word.")),
+            ("2. The photo and the region to replace", [4, 8],
+             f"subjects/{PHOTO}: photo.png and photo_mask.png (white = the region the new subject may take). For "
+             "your own photo: a folder in ComfyUI/input with the photo and its mask; then write its caption in HiFi "
+             "Subject Replace and the word of the thing to replace in source_word."),
+            ("3. Replace the subject, keep the rest of the photo", [9, 10, 11, 12], None),
+        ]
+    if method == "invert_image":
+        return [
+            ("1. Invert the photo", [1, 2, 3, 4, 5, 6, 7, 8],
+             "Invert Image finds the noise that DDIM sampling turns back into the photo, and null-text embeddings so "
+             "that it also comes back with cfg.\n" + (MINI_NOTE if t.name == "mini" else (
+                 f"Model: {SD15_CKPT} in models/checkpoints (the missing-model dialog offers the download). Your "
+                 "photo: a folder in ComfyUI/input, named in Subject photos (the first photo is inverted); write "
+                 "its caption in Caption (positive)."))),
+            ("2. Reconstruct: same sigmas and cfg, no added noise", [9, 10, 11, 12], None),
+        ]
+    raise KeyError(method)
+
+
+# name -> (title, demo?, nodes); a node is (id, type, {input: value | (src_id, slot)}, title[, {"mode": 2}])
 GRAPHS = {
-    "textual_inversion": ("Train a subject embedding, then use it in a prompt", False, [
-        (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
-        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
-        (3, "PersonalizeTrainSubjectEmbedding", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
-                                                 "mask": (2, 1), "placeholder": "sks", "init_word": "object",
-                                                 "steps": 20, "learning_rate": 0.02, "batch_size": 1, "seed": 0,
-                                                 "embedding_name": "demo_subject", "overwrite": True,
-                                                 "gradient_checkpointing": False, "mixed_precision": "auto",
-                                                 "preview_every": 10}, None),
-        (4, "CLIPTextEncode", {"clip": (3, 0), "text": "a photo of sks on the beach"}, "Positive (uses sks)"),
-        (5, "CLIPTextEncode", {"clip": (1, 1), "text": NEG}, "Negative"),
-        (6, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
-        (7, "KSampler", {"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0),
-                         "seed": 42, "steps": 8, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                         "denoise": 1.0}, None),
-        (8, "VAEDecode", {"samples": (7, 0), "vae": (1, 2)}, None),
-        (9, "SaveImage", {"images": (8, 0), "filename_prefix": "personalize/textual_inversion"}, None),
-        (10, "PersonalizeLossGraph", {"loss": (3, 2), "width": 512, "height": 256}, None),
-        (11, "SaveImage", {"images": (10, 0), "filename_prefix": "personalize/textual_inversion_loss"}, None),
-    ]),
-    "dreambooth_lora": ("Train a subject LoRA (DreamBooth), then sample with the tuned model", False, [
-        (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
-        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
-        (3, "PersonalizeTrainSubjectLoRA", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
-                                            "mask": (2, 1), "instance_prompt": "a photo of sks object", "rank": 4,
-                                            "steps": 20, "learning_rate": 0.001, "batch_size": 1, "seed": 0,
-                                            "layers": "attention", "train_text_encoder": False,
-                                            "lora_name": "demo_subject_lora", "overwrite": True,
-                                            "gradient_checkpointing": False, "mixed_precision": "auto",
-                                            "preview_every": 10, "class_prompt": "", "prior_loss_weight": 1.0,
-                                            "alpha": 0.0}, None),
-        (4, "CLIPTextEncode", {"clip": (3, 1), "text": "a photo of sks object in the snow"}, "Positive"),
-        (5, "CLIPTextEncode", {"clip": (3, 1), "text": NEG}, "Negative"),
-        (6, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
-        (7, "KSampler", {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0),
-                         "seed": 42, "steps": 8, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                         "denoise": 1.0}, None),
-        (8, "VAEDecode", {"samples": (7, 0), "vae": (1, 2)}, None),
-        (9, "SaveImage", {"images": (8, 0), "filename_prefix": "personalize/dreambooth_lora"}, None),
-        (10, "SaveImage", {"images": (3, 4), "filename_prefix": "personalize/dreambooth_lora_previews"}, None),
-        (11, "PersonalizeLossGraph", {"loss": (3, 3), "width": 512, "height": 256}, None),
-        (12, "SaveImage", {"images": (11, 0), "filename_prefix": "personalize/dreambooth_lora_loss"}, None),
-    ]),
-    "hifi_subject_tune": ("HiFi Tuner: learn a subject, sample with it; reload the saved file and sample again", False, [
-        (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
-        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
-        (3, "PersonalizeHiFiSubjectTune", _hifi_tune(sampling_steps=4, subject_name="hifi_test_subject"), None),
-        (4, "CLIPTextEncode", {"clip": (1, 1), "text": "a photo of an object on the beach"}, "Positive (class noun)"),
-        (5, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
-        (6, "PersonalizeHiFiSubjectConditioning", {"conditioning": (4, 0), "subject": (3, 0), "use_stepwise": True},
-         None),
-        (7, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 1}, None),
-        (8, "KSampler", {"model": (1, 0), "positive": (6, 0), "negative": (5, 0), "latent_image": (7, 0),
-                         "seed": 42, "steps": 4, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform",
-                         "denoise": 1.0}, None),
-        (9, "VAEDecode", {"samples": (8, 0), "vae": (1, 2)}, None),
-        (10, "SaveImage", {"images": (9, 0), "filename_prefix": "personalize/hifi_subject_tune"}, None),
-        (11, "PersonalizeHiFiLoadSubject", {"subject_file": "hifi_test_subject.safetensors",
-                                            "subject_file_name": (3, 2)}, "Reload the saved file"),
-        (12, "PersonalizeHiFiSubjectConditioning", {"conditioning": (4, 0), "subject": (11, 0),
-                                                    "use_stepwise": False}, "Global rows only"),
-        (13, "KSampler", {"model": (1, 0), "positive": (12, 0), "negative": (5, 0), "latent_image": (7, 0),
-                          "seed": 42, "steps": 4, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
-                          "denoise": 1.0}, None),
-        (14, "VAEDecode", {"samples": (13, 0), "vae": (1, 2)}, None),
-        (15, "SaveImage", {"images": (14, 0), "filename_prefix": "personalize/hifi_subject_reload"}, None),
-        (16, "PersonalizeLossGraph", {"loss": (3, 1), "width": 512, "height": 256}, None),
-        (17, "SaveImage", {"images": (16, 0), "filename_prefix": "personalize/hifi_subject_tune_loss"}, None),
-    ]),
-    "invert_image": ("Invert an image (DDIM + null-text), then reconstruct it with SamplerCustom", False, [
-        (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
-        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
-        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, None),
-        (4, "VAEEncode", {"pixels": (3, 0), "vae": (1, 2)}, None),
-        (5, "CLIPTextEncode", {"clip": (1, 1), "text": "a photo of an object"}, "Caption (positive)"),
-        (6, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
-        (7, "BasicScheduler", {"model": (1, 0), "scheduler": "normal", "steps": 8, "denoise": 1.0}, None),
-        (8, "PersonalizeInvertImage", {"model": (1, 0), "positive": (5, 0), "negative": (6, 0), "latent": (4, 0),
-                                       "sigmas": (7, 0), "cfg": 7.5, "null_text_steps": 5, "learning_rate": 0.01,
-                                       "fixed_point_iterations": 0, "early_stop": 1e-5}, None),
-        (9, "SamplerCustom", {"model": (1, 0), "add_noise": False, "noise_seed": 0, "cfg": 7.5, "positive": (5, 0),
-                              "negative": (6, 0), "sampler": (8, 2), "sigmas": (7, 0), "latent_image": (8, 0)},
-         "Reconstruct (same sigmas and cfg)"),
-        (10, "VAEDecode", {"samples": (9, 0), "vae": (1, 2)}, None),
-        (11, "SaveImage", {"images": (10, 0), "filename_prefix": "personalize/invert_image_reconstruction"}, None),
-        (12, "SaveImage", {"images": (3, 0), "filename_prefix": "personalize/invert_image_input"}, None),
-    ]),
     "mini_world_sample": ("Sample the mini-world model (a small SD1-architecture model trained by the pack)", False, [
         (1, "PersonalizeLoadMiniModel", {"ckpt_name": MINI_CKPT}, "Load Mini Model (swap for Load Checkpoint)"),
         (2, "CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a striped blue star on the beach"}, "Positive"),
@@ -177,112 +416,35 @@ GRAPHS = {
     ]),
     "mini_world_demo": ("Personalise a held-out mini-world subject (HiFi Tuner) and place it in new scenes "
                         "(make demo)", True, _mini_demo_graph()),
-    "hifi_reference_guided": ("HiFi Tuner: sample, then sample again guided by a reference photo (Algorithm 2)", False, [
-        (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
-        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
-        (3, "PersonalizeHiFiSubjectTune", _hifi_tune(sampling_steps=10, subject_name="hifi_reference_demo_subject"),
-         None),
-        (4, "CLIPTextEncode", {"clip": (1, 1), "text": "a photo of an object on the beach"}, "Positive (class noun)"),
-        (5, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
-        (6, "PersonalizeHiFiSubjectConditioning", {"conditioning": (4, 0), "subject": (3, 0), "use_stepwise": True},
-         None),
-        (7, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 1}, None),
-        (8, "BasicScheduler", {"model": (1, 0), "scheduler": "ddim_uniform", "steps": 10, "denoise": 1.0}, None),
-        (9, "KSamplerSelect", {"sampler_name": "euler"}, "DDIM (= euler on these sigmas)"),
-        (10, "SamplerCustom", {"model": (1, 0), "add_noise": True, "noise_seed": 42, "cfg": 7.5, "positive": (6, 0),
-                               "negative": (5, 0), "sampler": (9, 0), "sigmas": (8, 0), "latent_image": (7, 0)},
-         "1st pass: unguided"),
-        (11, "VAEDecode", {"samples": (10, 0), "vae": (1, 2)}, None),
-        (12, "SaveImage", {"images": (11, 0), "filename_prefix": "personalize/hifi_reference_unguided"}, None),
-        (13, "SolidMask", {"value": 0.0, "width": 64, "height": 64}, None),
-        (14, "SolidMask", {"value": 1.0, "width": 32, "height": 32}, None),
-        (15, "MaskComposite", {"destination": (13, 0), "source": (14, 0), "x": 16, "y": 16, "operation": "add"},
-         "Generated-subject mask (a stand-in)"),
-        (16, "CLIPTextEncode", {"clip": (1, 1), "text": "a photo of an object"}, "Reference caption"),
-        (17, "PersonalizeHiFiReferenceGuidedSampler", {"model": (1, 0), "vae": (1, 2), "subject": (3, 0),
-                                                       "reference_conditioning": (16, 0), "sigmas": (8, 0),
-                                                       "reference_images": (2, 0), "reference_masks": (2, 1),
-                                                       "generated_mask": (15, 0), "t_start": 8, "t_end": 2,
-                                                       "inner_steps": 3, "learning_rate": 0.01,
-                                                       "reference_index": 0, "generated_image": (11, 0)}, None),
-        (18, "SamplerCustom", {"model": (1, 0), "add_noise": True, "noise_seed": 42, "cfg": 7.5, "positive": (6, 0),
-                               "negative": (5, 0), "sampler": (17, 0), "sigmas": (8, 0), "latent_image": (7, 0)},
-         "2nd pass: same seed, reference-guided"),
-        (19, "VAEDecode", {"samples": (18, 0), "vae": (1, 2)}, None),
-        (20, "SaveImage", {"images": (19, 0), "filename_prefix": "personalize/hifi_reference_guided"}, None),
-    ]),
-    "hifi_subject_replace": ("HiFi Tuner: replace the subject of a photo by a learned subject (Algorithm 3)", False, [
-        (1, "CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, None),
-        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, None),
-        (3, "PersonalizeHiFiSubjectTune", _hifi_tune(sampling_steps=6, subject_name="hifi_replace_demo_subject"), None),
-        (4, "ImageFromBatch", {"image": (2, 0), "batch_index": 1, "length": 1}, "The photo"),
-        (5, "MaskToImage", {"mask": (2, 1)}, None),
-        (6, "ImageFromBatch", {"image": (5, 0), "batch_index": 1, "length": 1}, None),
-        (7, "ImageToMask", {"image": (6, 0), "channel": "red"}, "Mask of the subject to replace"),
-        (8, "BasicScheduler", {"model": (1, 0), "scheduler": "ddim_uniform", "steps": 6, "denoise": 1.0}, None),
-        (9, "PersonalizeHiFiSubjectReplace", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (4, 0),
-                                              "mask": (7, 0), "caption": "a photo of an object on the grass",
-                                              "source_word": "object", "target_word": "object", "sigmas": (8, 0),
-                                              "cfg": 7.5, "null_text_steps": 8, "learning_rate": 0.1,
-                                              "cross_replace": 0.8, "subject": (3, 0), "use_stepwise": True}, None),
-        (10, "ImageCompositeMasked", {"destination": (4, 0), "source": (9, 0), "x": 0, "y": 0,
-                                      "resize_source": False, "mask": (7, 0)}, "Keep the photo outside the mask"),
-        (11, "SaveImage", {"images": (9, 0), "filename_prefix": "personalize/hifi_subject_replace"}, None),
-        (12, "SaveImage", {"images": (10, 0), "filename_prefix": "personalize/hifi_subject_replace_composite"}, None),
-    ]),
 }
+for _method, (_title, _graph_of) in METHODS.items():
+    for _kind, _target in TARGETS.items():
+        GRAPHS[f"{_method}_{_kind}"] = (
+            f"{_title} ({'the mini model, offline' if _kind == 'mini' else 'Stable Diffusion 1.5'})", False,
+            _graph_of(_target))
+
+
+def graph(name: str, target: Target | None = None) -> list:
+    """The nodes of workflow ``name``; for a method's workflow (``<method>_mini``, ``<method>_sd15``) ``target``
+    builds the same graph (same node ids, types and links) with another target's values (SD15_FAST, SD15_AT_64)."""
+    if target is None:
+        return GRAPHS[name][2]
+    method, _, _kind = name.rpartition("_")
+    return METHODS[method][1](target)
 
 
 # name -> [(group title, node ids, note or None)]; a workflow without an entry is one band without a group.
 GROUPS = {
-    "textual_inversion": [
-        ("1. Learn a new word for the subject (Textual Inversion)", [1, 2, 3, 10, 11],
-         "Put 3-5 photos of your subject in a folder under ComfyUI/input (masks: <name>_mask.png or the photos' "
-         "alpha). The node learns the placeholder word (sks) and saves models/embeddings/<embedding_name>; "
-         "any prompt can then use it as embedding:<embedding_name>."),
-        ("2. Sample with the word", [4, 5, 6, 7, 8, 9], None),
-    ],
-    "dreambooth_lora": [
-        ("1. Fine-tune a LoRA on the subject (DreamBooth)", [1, 2, 3, 10, 11, 12],
-         "Put 3-5 photos of your subject in a folder under ComfyUI/input. The instance prompt names it (sks). "
-         "The node outputs the tuned model and clip and saves models/loras/<lora_name>, which the stock Load LoRA "
-         "node reads."),
-        ("2. Sample with the tuned model", [4, 5, 6, 7, 8, 9], None),
-    ],
-    "hifi_subject_tune": [
-        ("1. Learn the subject (HiFi Tuner)", [1, 2, 3, 16, 17],
-         "HiFi Subject Tune learns prompt rows for your subject from the photos and masks in a folder under "
-         "ComfyUI/input. Write prompts with the subject's class word (here: object)."),
-        ("2. Sample with the subject", [4, 5, 6, 7, 8, 9, 10], None),
-        ("3. Reload the saved subject file and sample again", [11, 12, 13, 14, 15],
-         "The subject is saved in models/personalize/subjects. In a later session, pick the file in HiFi Load "
-         "Subject and disconnect subject_file_name."),
-    ],
-    "invert_image": [
-        ("1. Invert the photo", [1, 2, 3, 4, 5, 6, 7, 8],
-         "Invert Image finds the noise that DDIM sampling turns back into the photo, and null-text embeddings so "
-         "that it also comes back with cfg."),
-        ("2. Reconstruct: same sigmas and cfg, no added noise", [9, 10, 11, 12], None),
-    ],
     "mini_world_demo": [
         ("1. Learn a held-out subject (HiFi Tuner, mini model)", [1, 2, 3, 41],
-         "Runs offline on the pack's mini model (64 px). HiFi Subject Tune learns the subject from its reference "
-         "views; each scene prompt then names the subject's class (star)."),
+         f"Runs offline on the pack's mini model (64 px) and the subject the pack ships (subjects/{SUBJECT}). HiFi "
+         "Subject Tune learns the subject from its reference views; each scene prompt then names the subject's "
+         f"class ({CLASS_WORD})."),
         ("2. Place it in new scenes", [4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 30, 31, 40], None),
     ],
-    "hifi_reference_guided": [
-        ("1. Learn the subject (HiFi Tuner)", [1, 2, 3], None),
-        ("2. First pass: sample without guidance", [4, 5, 6, 7, 8, 9, 10, 11, 12], None),
-        ("3. Second pass: guided by a reference photo", [13, 14, 15, 16, 17, 18, 19, 20],
-         "Same seed, sigmas and cfg as the first pass. generated_mask marks the subject in the first image: here a "
-         "fixed square; use a segmentation of that image (e.g. SAM)."),
-    ],
-    "hifi_subject_replace": [
-        ("1. Learn the subject (HiFi Tuner)", [1, 2, 3], None),
-        ("2. The photo and the region to replace", [4, 5, 6, 7, 8], None),
-        ("3. Replace the subject, keep the rest of the photo", [9, 10, 11, 12], None),
-    ],
+    **{f"{m}_{k}": _groups(m, t) for m in METHODS for k, t in TARGETS.items()},
 }
+
 
 # Layout constants (canvas units). LiteGraph draws a node's title bar above ``pos``.
 TITLE_H = 30
@@ -335,7 +497,7 @@ def note_size(text: str) -> list[int]:
 def columns(graph: list) -> dict:
     """Column of each node by data flow: one right of its rightmost source (longest path); then every node that
     feeds others moves right to just before its leftmost consumer, so short links stay short."""
-    sources = {nid: [v[0] for v in values.values() if isinstance(v, tuple)] for nid, _, values, _ in graph}
+    sources = {nid: [v[0] for v in values.values() if isinstance(v, tuple)] for nid, _, values, *_ in graph}
     consumers: dict = {nid: [] for nid in sources}
     for nid, srcs in sources.items():
         for s in srcs:
@@ -358,7 +520,7 @@ def columns(graph: list) -> dict:
 def layout(name: str, graph: list, table: dict) -> tuple[dict, dict, list, list]:
     """Positions and sizes of the graph's nodes and notes, the groups, and the note nodes (id, text)."""
     col = columns(graph)
-    sizes = {nid: node_size(table, ctype, title) for nid, ctype, _, title in graph}
+    sizes = {nid: node_size(table, ctype, title) for nid, ctype, _, title, *_ in graph}
     spec = GROUPS.get(name) or [(None, [n[0] for n in graph], None)]
     grouped = [nid for _, ids, _ in spec for nid in ids]
     if sorted(grouped) != sorted(sizes) or len(set(grouped)) != len(grouped):
@@ -408,7 +570,7 @@ def build(name: str, title: str, demo: bool, graph: list, mappings: dict, table:
     out_links: dict = {}
     link_id = 0
     by_id = {n[0]: n for n in graph}
-    for order, (nid, ctype, values, ntitle) in enumerate(graph):
+    for order, (nid, ctype, values, ntitle, *options) in enumerate(graph):
         cls = mappings[ctype]
         spec = cls.INPUT_TYPES()
         inputs, widgets = [], []
@@ -439,9 +601,13 @@ def build(name: str, title: str, demo: bool, graph: list, mappings: dict, table:
                         widgets.append("fixed")
                 elif section == "required":
                     raise ValueError(f"{ctype}.{name_} is not connected")
+        properties = {"Node name for S&R": ctype}
+        downloads = [MODEL_DOWNLOADS[v] for v in widgets if isinstance(v, str) and v in MODEL_DOWNLOADS]
+        if downloads:  # what the frontend's missing-model dialog offers to download
+            properties["models"] = downloads
         node = {"id": nid, "type": ctype, "pos": pos[nid], "size": sizes[nid], "flags": {}, "order": order,
-                "mode": 0, "inputs": inputs, "outputs": [], "properties": {"Node name for S&R": ctype},
-                "widgets_values": widgets}
+                "mode": (options[0] if options else {}).get("mode", 0), "inputs": inputs, "outputs": [],
+                "properties": properties, "widgets_values": widgets}
         if ntitle:
             node["title"] = ntitle
         nodes.append(node)
@@ -467,18 +633,24 @@ def build(name: str, title: str, demo: bool, graph: list, mappings: dict, table:
 def main() -> None:
     import os
     import tempfile
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from harness.host import boot_scratch
     table = load_size_table()
     host = boot_scratch("build_workflows_")
-    for name, (title, demo, graph) in GRAPHS.items():
-        wf = build(name, title, demo, graph, host.nodes.NODE_CLASS_MAPPINGS, table)
+    for stale in sorted((ROOT / "workflows").glob("*.json")):
+        if stale.stem not in GRAPHS:
+            stale.unlink()
+            stale.with_suffix(".jpg").unlink(missing_ok=True)
+            log.info("removed workflows/%s and its thumbnail", stale.name)
+    for name, (title, demo, nodes) in GRAPHS.items():
+        wf = build(name, title, demo, nodes, host.nodes.NODE_CLASS_MAPPINGS, table)
         target = ROOT / "workflows" / f"{name}.json"
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(wf, indent=1) + "\n")
         os.replace(tmp, target)
-        print(f"wrote workflows/{name}.json")  # noqa: T201 - script output
+        log.info("wrote workflows/%s.json", name)
 
 
 if __name__ == "__main__":

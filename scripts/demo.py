@@ -1,13 +1,13 @@
 """`make demo`: personalise a held-out mini-world subject with the pack's nodes and write a PNG grid.
 
 Runs the demo workflows in workflows/ (``extra.personalize.demo``; today workflows/mini_world_demo.json) through
-ComfyUI's own executor on the shipped mini-world model (models/mini_world.safetensors): Load Mini Model -> Load
-Subject Images (the held-out subject's reference views, written into the input folder first) -> HiFi Subject
-Tune -> HiFi Subject Conditioning -> one KSampler per new scene. Then writes ``output/personalize_demo_grid.png``:
+ComfyUI's own executor on the shipped mini-world model (models/mini_world.safetensors), with empty input and model
+folders as on a fresh install: Load Mini Model -> Load Subject Images (the held-out subject's reference views the pack
+ships in subjects/striped_red_star) -> HiFi Subject Tune -> HiFi Subject Conditioning -> one KSampler per new scene. Then writes ``output/personalize_demo_grid.png``:
 the references in the first row, the subject in new scenes below, and logs where it is.
 
 The same workflow runs on a real SD1.x checkpoint with Load Mini Model swapped for the stock Load Checkpoint
-(CheckpointLoaderSimple) and your own photos in the subject folder.
+(CheckpointLoaderSimple) and your own photos in the subject folder; workflows/<method>_sd15.json are set up that way.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def main() -> int:
     from PIL import Image
     from harness.executor import run_api_prompt
     from harness.host import boot
-    from harness.subjects import MINI_DEMO_SUBJECT, write_heldout_subject_folder
+    from harness.subjects import MINI_DEMO_SUBJECT
     from harness.ui_convert import ui_to_api
 
     out = ROOT / "output"
@@ -60,7 +60,6 @@ def main() -> int:
     host = boot(os.environ.get("COMFYUI_PATH") or None, models_dir=work / "models", output_dir=out,
                 input_dir=work / "input", temp_dir=work / "temp")
     host.refresh_model_lists()
-    write_heldout_subject_folder(host.input_dir)
 
     t_start = time.perf_counter()
     rows = []

@@ -2,9 +2,14 @@
 
 ComfyUI's template browser lists a pack's ``workflows/*.json`` (``GET /api/workflow_templates``) and shows
 ``/api/workflow_templates/<pack>/<name>.jpg`` as each one's picture (the frontend asks for ``.jpg`` for custom-node
-templates). This script runs each workflow on a real ComfyUI server (``harness.server``) with scratch folders, the
-test checkpoint and subject folders the files name put in place as ``tests/test_frontend.py`` does, and tiles the
+templates). This script runs each workflow on a real ComfyUI server (``harness.server``) with empty scratch folders,
+as on a fresh install (the mini workflows need only what the pack ships: its mini model and subjects), and tiles the
 images of its main Save Image node (up to four) into a 512 x 512 JPEG.
+
+An ``_sd15`` workflow's thumbnail comes from the same graph run on the shipped mini model: its Load Checkpoint
+(v1-5-pruned-emaonly-fp16.safetensors, which never reaches this machine) swapped for Load Mini Model and its images at
+64 px instead of 512, every other setting (steps, learning rates, samplers) the file's own
+(``harness.workflow_variants.on_mini_model``). So it shows the graph's output on the mini world, not SD1.5's.
 
     COMFYUI_PATH=... .venv/bin/python scripts/render_thumbnails.py [name ...]
 """
@@ -24,7 +29,7 @@ sys.path.insert(0, str(ROOT / ".pythonpath"))  # `harness` only, never the repo 
 WORKFLOWS = ROOT / "workflows"
 SIDE = 512
 # The Save Image node whose images stand for the workflow, by filename_prefix (default: personalize/<name>).
-MAIN_OUTPUT = {"invert_image": "personalize/invert_image_reconstruction"}
+MAIN_OUTPUT: dict[str, str] = {}
 log = logging.getLogger("render_thumbnails")
 
 
@@ -57,25 +62,19 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from harness.fixtures import default_cache_dir, ensure_checkpoint
     from harness.host import boot_scratch
     from harness.server import ComfyServer
-    from harness.subjects import write_heldout_subject_folder, write_subject_folder
     from harness.ui_convert import ui_to_api
+    from harness.workflow_variants import on_mini_model
 
     host = boot_scratch("render_thumbnails_")
-    link = host.model_folder("checkpoints") / "personalize_test_sd15.safetensors"  # the name the files use
-    link.symlink_to(Path(ensure_checkpoint("sd15", default_cache_dir())).resolve())
-    mini = ROOT / "models" / "mini_world.safetensors"
-    (host.model_folder("personalize_mini") / mini.name).symlink_to(mini)
-    write_subject_folder(host.input_dir)
-    write_heldout_subject_folder(host.input_dir)
 
     names = args.names or sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     with ComfyServer(host.path, custom_nodes_dir=host.custom_nodes_dir, models_dir=host.models_dir,
                      output_dir=host.output_dir, input_dir=host.input_dir) as server:
         for name in names:
             workflow = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+            workflow = on_mini_model(name, workflow, host.nodes.NODE_CLASS_MAPPINGS)  # _sd15: see the docstring
             node = main_output_node(name, workflow)
             entry = server.run(ui_to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS),
                                extra_data={"extra_pnginfo": {"workflow": workflow}}, timeout=1800)
@@ -86,7 +85,8 @@ def main(argv=None) -> None:
             os.close(fd)
             tile(images).save(tmp, "JPEG", quality=88)
             os.replace(tmp, target)
-            log.info("wrote %s from node %s's %d image(s)", target.relative_to(ROOT), node, len(images))
+            log.info("wrote %s from node %s's %d image(s)%s", target.relative_to(ROOT), node, len(images),
+                     " (the graph on the mini model, 64 px)" if name.endswith("_sd15") else "")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ def subject():
 
 @pytest.fixture(scope="session")
 def demo_subject_folder(host):
-    """The subject folders the workflows in workflows/ read (Load Subject Images): the synthetic SD-fixture subject,
-    and the held-out mini-world subject of the mini demo."""
+    """Subject folders in the input directory: the synthetic SD-fixture subject, and the held-out mini-world subject
+    under the names the V1 workflows read (tests/data/workflows_v1). The shipped workflows need neither: they read
+    the pack's own subjects/ (Load Subject Images looks there when the input directory has no such folder)."""
     from harness.subjects import write_heldout_subject_folder, write_subject_folder
     write_heldout_subject_folder(host.input_dir)
     return write_subject_folder(host.input_dir)

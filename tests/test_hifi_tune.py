@@ -309,7 +309,7 @@ def test_save_load_round_trip(hifi, host, trained):
 
 def test_loaded_subject_samples_in_a_workflow(hifi, host, run_workflow, ckpt_sd15, trained):
     """Load -> Conditioning -> stock KSampler through ComfyUI's executor (the Tune node runs in
-    workflows/hifi_subject_tune.json, tests/test_workflows.py)."""
+    workflows/hifi_subject_tune_*.json, tests/test_workflows.py)."""
     _, _, file_name = trained
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_sd15}},

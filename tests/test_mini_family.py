@@ -118,3 +118,36 @@ def _roundtrip_decode(vae, z):
         for p in v.first_stage_model.parameters():
             p.copy_(p.half().float())
     return v.decode(z)
+
+
+@pytest.fixture
+def fresh_filename_lists():
+    import folder_paths
+    folder_paths.filename_list_cache.clear()
+    yield
+    folder_paths.filename_list_cache.clear()
+
+
+def test_shipped_mini_model_is_listed_when_the_folder_is_registered_already(host, tmp_path, monkeypatch,
+                                                                            fresh_filename_lists):
+    """A user's extra_model_paths.yaml entry for personalize_mini is kept, and the pack's models/ is added to it."""
+    import folder_paths
+    mini = pack_module(host, "nodes.mini")
+    user = tmp_path / "my_mini_models"
+    user.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, mini.FOLDER, ([str(user)], set()))
+    mini.register_folder()
+    mini.register_folder()  # idempotent
+    paths, extensions = folder_paths.folder_names_and_paths[mini.FOLDER]
+    assert paths == [str(user), mini.PACK_MODELS] and extensions == {".safetensors"}
+    assert "mini_world.safetensors" in folder_paths.get_filename_list(mini.FOLDER)
+
+
+def test_mini_folder_registered_fresh(host, monkeypatch, fresh_filename_lists):
+    import folder_paths
+    mini = pack_module(host, "nodes.mini")
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, mini.FOLDER)
+    mini.register_folder()
+    paths, extensions = folder_paths.folder_names_and_paths[mini.FOLDER]
+    assert paths[0] == mini.PACK_MODELS and extensions == {".safetensors"}
+    assert "mini_world.safetensors" in folder_paths.get_filename_list(mini.FOLDER)

@@ -139,7 +139,7 @@ def test_new_subject_changes_inside_and_keeps_outside(host, hifi, sd15, subject)
     the mask's edge (mask dilated by 8 px, one latent cell), the mean abs difference to the same-word
     reconstruction is below 30 % of the inside difference (measured 19 %): the fixture's random VAE decoder
     spreads every latent cell over the whole 64 px image. For a pixel-exact background, composite with the photo
-    (stock ImageCompositeMasked, as workflows/hifi_subject_replace.json does)."""
+    (stock ImageCompositeMasked, as workflows/hifi_subject_replace_*.json do)."""
     model, clip, vae = sd15
     image, mask, sigmas = _inputs(sd15, subject)
     same_img, same = _replace(sd15, image, mask, sigmas)
