@@ -424,7 +424,7 @@ def test_bad_files_and_families(hifi, host, err, trained, unique_name):
     with pytest.raises(err, match="no step-wise representations"):
         call_node(COND, conditioning=[[torch.zeros(1, 77, 768), {}]], subject=flat, use_stepwise=True)
     # the validation hook refuses names that leave the folder
-    assert host.node_class(LOAD).validate_inputs("../escape") is not True
+    assert host.node_class(LOAD).validate_inputs(subject_file="../escape") is not True
 
 
 # ---------------------------------------------------------------------------------------------------------
