@@ -121,6 +121,19 @@ def add_out_of_place_patches(patcher, root_path: str, class_names: tuple, method
     return count
 
 
+def make_module_differentiable(module: torch.nn.Module, class_names: tuple = ("CLIPLayer",)) -> int:
+    """The same rewrite set directly on a module the caller owns (a network it trains, not a host model shared
+    through a patcher): every submodule of ``class_names`` gets its out-of-place ``forward``. Returns the count."""
+    count = 0
+    for mod in module.modules():
+        if type(mod).__name__ in class_names and "forward" in vars(type(mod)):
+            fn = out_of_place_version(type(mod).forward)
+            if fn is not None:
+                mod.forward = types.MethodType(fn, mod)
+                count += 1
+    return count
+
+
 def make_text_encoder_differentiable(clip_patcher) -> int:
     """Out-of-place ``CLIPLayer.forward`` on every layer of a CLIP patcher (a clone). Returns the count."""
     return add_out_of_place_patches(clip_patcher, "", ("CLIPLayer",), ("forward",))

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import distributed, world
+from . import world
+from ..core import distributed
 
 log = logging.getLogger("comfyui_personalize")
 
@@ -66,14 +67,14 @@ class FamilyTrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Distributed: the helpers live in miniworld/distributed.py (shared with scripts/train_evaluators.py).
+# Distributed: the helpers live in core/distributed.py (shared with scripts/train_evaluators.py).
 
 def dist_info() -> tuple[int, int]:
     return distributed.rank_and_world()
 
 
 def init_distributed() -> bool:
-    """Join the process group when launched by torchrun (miniworld/distributed.py): nccl when ComfyUI runs on CUDA
+    """Join the process group when launched by torchrun (core/distributed.py): nccl when ComfyUI runs on CUDA
     and every local rank has a GPU, else gloo."""
     if not distributed.launched_by_torchrun():
         return False

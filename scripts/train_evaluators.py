@@ -34,7 +34,7 @@ if str(ROOT / ".pythonpath") not in sys.path:  # `harness` only, never the repo 
     sys.path.insert(0, str(ROOT / ".pythonpath"))
 __import__("harness").pack_package()  # the pack as the package comfyui_personalize (no ComfyUI needed)
 
-from comfyui_personalize.miniworld import distributed  # noqa: E402
+from comfyui_personalize.core import distributed  # noqa: E402
 from comfyui_personalize.miniworld import (  # noqa: E402
     PATTERNS,
     SCENES,
@@ -158,7 +158,7 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, log_every: int = 0) -> TrainResult:
     """Train the evaluator network; with ``world_size > 1`` the default process group must be initialised and
-    the model is wrapped in DDP (miniworld/distributed.py). Each rank renders its own share of the pool and draws
+    the model is wrapped in DDP (core/distributed.py). Each rank renders its own share of the pool and draws
     its own batches.
 
     Returns the (unwrapped) network in eval mode and this rank's per-step losses.

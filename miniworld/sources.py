@@ -1,0 +1,85 @@
+"""The mini world as a pre-training source (core/pretrain_data.py's interface), generated on the fly.
+
+Sample ``p`` of the global stream is drawn from ``torch.Generator(seed, p)`` alone, so a batch is a pure function of
+(seed, step, rank, world size) and the same global batches come out whatever the number of ranks. Only base subjects
+occur (:func:`world.base_subjects`: no held-out subject's name, in any pattern colour); a test asserts it.
+
+Modes:
+* ``"single"``: one view of a subject in a scene, with caption, mask and box (CLIP-style pre-training);
+* ``"views"``: the same, plus ``references``: another view of the same subject (another pose and scene), the input
+  of encoders that learn from one view and are scored on another (PromptNet, hypernetworks, the tuning encoder);
+* ``"pairs"``: two subjects in one scene (``subject_masks`` [B, 2, H, W], two boxes per image), for multi-subject
+  conditioning and attention-map losses.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..core.pretrain_data import SubjectBatch, global_indices
+from . import world
+
+MODES = ("single", "views", "pairs")
+
+
+@functools.cache
+def _names() -> tuple[tuple[world.Subject, ...], ...]:
+    """Base subjects grouped by caption name (shape, colour, pattern), in base-subject order."""
+    groups: dict[tuple, list[world.Subject]] = {}
+    for s in world.base_subjects():
+        groups.setdefault(s.words, []).append(s)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def draw_subject(gen: torch.Generator) -> world.Subject:
+    """A base subject: caption name uniform over the base names, then its pattern colour uniform."""
+    names = _names()
+    group = names[int(torch.randint(len(names), (1,), generator=gen))]
+    return group[int(torch.randint(len(group), (1,), generator=gen))]
+
+
+def subject_id(subject: world.Subject) -> str:
+    return "_".join(w for w in (subject.pattern_colour, subject.pattern, subject.colour, subject.shape) if w)
+
+
+class WorldSource:
+    """``WorldSource(mode, seed)``: see the module docstring."""
+
+    def __init__(self, mode: str = "single", seed: int = 0):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode, self.seed = mode, int(seed)
+
+    def _generator(self, position: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + position * 2_654_435_761) % (2**63 - 1))
+
+    def batch(self, step: int, rank: int, world_size: int, batch_size: int) -> SubjectBatch:
+        draws = []
+        for pos in global_indices(step, rank, world_size, batch_size):
+            g = self._generator(pos)
+            subject = draw_subject(g)
+            scenes = torch.randperm(len(world.SCENES), generator=g)[:2].tolist()
+            seeds = torch.randint(2**62, (2,), generator=g).tolist()
+            other = draw_subject(g) if self.mode == "pairs" else None
+            draws.append((subject, [world.SCENES[k] for k in scenes], seeds, other))
+        if self.mode == "pairs":
+            return self._pairs(draws)
+        out = world.render_batch([d[0] for d in draws], [d[1][0] for d in draws], [d[2][0] for d in draws])
+        batch = SubjectBatch(images=out.images, captions=list(out.captions),
+                             subject_ids=[subject_id(d[0]) for d in draws], masks=out.masks,
+                             boxes=[b.view(1, 4) for b in out.boxes], extras={"subjects": [d[0] for d in draws],
+                                                                           "scenes": list(out.scenes)})
+        if self.mode == "views":
+            ref = world.render_batch([d[0] for d in draws], [d[1][1] for d in draws], [d[2][1] for d in draws])
+            batch.references, batch.reference_masks = ref.images, ref.masks
+            batch.extras["reference_captions"] = list(ref.captions)
+        return batch
+
+    def _pairs(self, draws) -> SubjectBatch:
+        pairs = world.render_pairs([d[0] for d in draws], [d[3] for d in draws], [d[1][0] for d in draws],
+                                   [d[2][0] for d in draws])
+        return SubjectBatch(images=pairs.images, captions=list(pairs.captions),
+                            subject_ids=[f"{subject_id(d[0])}+{subject_id(d[3])}" for d in draws],
+                            masks=pairs.masks, boxes=list(pairs.boxes), subject_masks=pairs.subject_masks,
+                            extras={"subjects": [(d[0], d[3]) for d in draws]})

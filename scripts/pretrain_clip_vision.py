@@ -1,0 +1,141 @@
+"""Pre-train the mini family's CLIP vision tower (networks/mini_clip.py) on the pre-training engine (core/pretrain.py).
+
+    .venv/bin/python scripts/pretrain_clip_vision.py                       # the shipped recipe (make mini-world)
+    .venv/bin/python scripts/pretrain_clip_vision.py --stop-after 500      # one resumable part: run it again to go on
+    torchrun --nproc_per_node=2 scripts/pretrain_clip_vision.py ...        # DDP (gloo on CPU, nccl on GPUs)
+    .venv/bin/python scripts/pretrain_clip_vision.py --folder my_images --size 64 --out my_clip_vision.safetensors
+    .venv/bin/python scripts/pretrain_clip_vision.py --evaluate-only       # the README's figures for --out
+    PERSONALIZE_DEVICE=auto ...                                            # train on the GPU ComfyUI picks
+
+Boots ComfyUI in-process (COMFYUI_PATH or the default host tree). Checkpoints, ``log.jsonl`` and ``loss.png`` go to
+``--work-dir`` (a run finding a checkpoint there resumes it); at the end rank 0 writes the vision tower to ``--out``
+(fp16, atomically, with a ``.sha256``) and measures it (miniworld/encoder_eval.py) through ComfyUI's own
+``ClipVisionModel.encode_image`` on the written file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / ".pythonpath"))  # `harness` only, never the repo root (see harness/__init__.py)
+
+RECIPE = {"steps": 1500, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05, "warmup": 100,
+          "checkpoint_every": 100, "validate_every": 500, "log_every": 10}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "models" / "clip_vision" / "mini_world_clip_vision.safetensors"))
+    p.add_argument("--work-dir", default=str(ROOT / ".cache" / "pretrain" / "mini_clip_vision"),
+                   help="checkpoint, log.jsonl and loss.png (resumed when a checkpoint is there)")
+    p.add_argument("--folder", help="pre-train on a folder of images (core/pretrain_data.py layout) instead of the "
+                                    "mini world")
+    p.add_argument("--size", type=int, default=64, help="--folder images are resized to this (the tower's input)")
+    p.add_argument("--stop-after", type=int, help="return after this many steps (a resumable part)")
+    p.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
+    p.add_argument("--evaluate-only", action="store_true", help="measure --out (linear probes; retrieval needs the "
+                                                                "work dir's checkpoint for the text tower)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a PretrainConfig field (core/pretrain.py), e.g. --set steps=3000")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    import torch
+    from harness import host as H
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
+    h = H.boot_scratch("clip_vision_")
+    engine = h.pack("core.pretrain")
+    distributed = h.pack("core.distributed")
+    mini_clip = h.pack("networks.mini_clip")
+    ev = h.pack("miniworld.encoder_eval")
+    cfg = engine.PretrainConfig(**RECIPE)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, steps=4, batch_size=8, checkpoint_every=2, validate_every=0, log_every=1,
+                                  warmup=0)
+    try:
+        cfg = H.replace_numeric(cfg, args.set)
+    except ValueError as e:
+        p.error(str(e))
+    if os.environ.get("PERSONALIZE_DEVICE") == "auto":
+        import comfy.model_management as mm
+        cfg = dataclasses.replace(cfg, device=str(mm.get_torch_device()))
+
+    def validation(module):  # base subjects, renders the training stream never draws (another seed space)
+        world = h.pack("miniworld.world")
+        base = world.base_subjects()
+        picks = torch.randint(len(base), (96,), generator=torch.Generator().manual_seed(7)).tolist()
+        samples = ev.render_set([base[i] for i in picks], 1, seed=ev.EVAL_SEED + 9)
+        return ev.caption_retrieval(*_encoders(module, task, mini_clip), samples)
+
+    task = mini_clip.ContrastiveTask(validation=None if args.quick else validation)
+    out = Path(args.out)
+    if args.evaluate_only:
+        return _evaluate(out, Path(args.work_dir), task, engine, mini_clip, ev, cfg)
+    if args.folder:
+        source = h.pack("core.pretrain_data").FolderSource(args.folder, size=args.size, seed=cfg.seed)
+    else:
+        source = h.pack("miniworld.sources").WorldSource("single", seed=cfg.seed)
+    with distributed.process_group(cuda=cfg.device.startswith("cuda")) as (rank, _):
+        result = engine.pretrain(task, source, cfg, args.work_dir, stop_after=args.stop_after)
+    if result.steps < cfg.steps:
+        logging.info("part done: step %d of %d (%.0f s); run the same command again to continue", result.steps,
+                     cfg.steps, result.seconds)
+        return 0
+    if rank != 0:
+        return 0
+    metadata = {"recipe": dataclasses.asdict(cfg), "trained_on": args.folder or "mini world (base subjects)"}
+    mini_clip.save_vision(result.module, out, metadata=metadata)
+    logging.info("wrote %s (%.1f KB)", out, out.stat().st_size / 1024)
+    if not args.folder and not args.quick:
+        _evaluate(out, Path(args.work_dir), task, engine, mini_clip, ev, cfg, module=result.module)
+    return 0
+
+
+def _encoders(module, task, mini_clip):
+    """``encode_image`` / ``encode_text`` of a training module, in the layout encoder_eval expects."""
+    import torch
+
+    def encode_image(images):
+        out = module.vision(pixel_values=mini_clip.pixel_values(images, task.vision_config), intermediate_output=-2)
+        return out[2], out[1]  # image_embeds (projected class token), penultimate hidden states
+
+    def encode_text(captions):
+        with torch.no_grad():
+            return module.text(task.tokenizer(captions))
+    return encode_image, encode_text
+
+
+def _evaluate(out: Path, work_dir: Path, task, engine, mini_clip, ev, cfg, module=None) -> int:
+    """Retrieval and linear probes of the written file, through ComfyUI's ClipVisionModel; the text tower from
+    ``module`` or the work dir's checkpoint (retrieval is skipped without one)."""
+    import torch
+    t0 = time.perf_counter()
+    clip_vision = mini_clip.load_clip_vision(out)
+    encode_text = None
+    if module is None and (work_dir / engine.CHECKPOINT_NAME).is_file():
+        payload = engine.load_checkpoint(work_dir / engine.CHECKPOINT_NAME, task, cfg)
+        module = task.build(torch.device("cpu"))
+        module.load_state_dict(payload["model"])
+    if module is not None:
+        module.eval()
+        encode_text = _encoders(module, task, mini_clip)[1]
+    figures = ev.report(ev.clip_vision_encoder(clip_vision), encode_text)
+    logging.info("mini CLIP vision %s (%.0f s):\n%s", out.name, time.perf_counter() - t0,
+                 json.dumps({k: round(v, 4) for k, v in figures.items()}, indent=1))
+    report = work_dir / "figures.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(figures, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
