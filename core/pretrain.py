@@ -368,3 +368,78 @@ def _gather_rng() -> list:
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
+
+
+# --------------------------------------------------------------------------------------------------- frozen networks
+
+@dataclass
+class HostNetworks:
+    """The frozen networks a task reads, as ComfyUI objects: MODEL (ModelPatcher), CLIP, VAE and CLIP_VISION."""
+    model: Any = None
+    clip: Any = None
+    vae: Any = None
+    clip_vision: Any = None
+
+
+def host_networks(checkpoint=None, clip_vision=None, *, need_clip_vision: bool = False) -> HostNetworks:
+    """Load the frozen networks through ComfyUI, as its stock loaders do: ``checkpoint`` a file Load Checkpoint reads
+    (SD1.x, SD2.x, SDXL) or a mini-family file (core/mini_family.py); None: the shipped mini family. ``clip_vision``
+    a file Load CLIP Vision reads or a mini CLIP vision file; None: the shipped mini one when ``need_clip_vision``.
+    Their parameters are frozen (``requires_grad=False``); the trainable network stays the task's own module."""
+    from pathlib import Path as _Path
+
+    from . import mini_family
+    out = HostNetworks()
+    path = _Path(checkpoint) if checkpoint is not None else mini_family.shipped_checkpoint()
+    if not path.is_file():
+        raise PersonalizeError(f"{path} does not exist. Give the path of a checkpoint that ComfyUI's Load Checkpoint "
+                               "reads, or leave it out for the shipped mini model.")
+    if _is_mini(path):
+        out.model, out.clip, out.vae = mini_family.load_checkpoint(path)
+    else:
+        import comfy.sd
+        try:
+            out.model, out.clip, out.vae = comfy.sd.load_checkpoint_guess_config(
+                str(path), output_vae=True, output_clip=True)[:3]
+        except Exception as e:  # noqa: BLE001 - the host raises many types for an unknown file
+            raise PersonalizeError(f"{path.name} cannot be loaded as a checkpoint by ComfyUI ({e}). Give an SD1.x, "
+                                   "SD2.x or SDXL checkpoint, or a mini-family file.") from e
+    if clip_vision is not None or need_clip_vision:
+        from ..networks import mini_clip
+        cv_path = _Path(clip_vision) if clip_vision is not None else mini_clip.PACK_MODELS / "clip_vision" / \
+            mini_clip.SHIPPED_NAME
+        if _kind_of(cv_path) == mini_clip.CLIP_VISION_FILE.kind:
+            out.clip_vision = mini_clip.load_clip_vision(cv_path)
+        else:
+            import comfy.clip_vision
+            try:
+                out.clip_vision = comfy.clip_vision.load(str(cv_path)) if cv_path.is_file() else None
+            except Exception:  # noqa: BLE001 - the host raises many types for a file it cannot read
+                out.clip_vision = None
+            if out.clip_vision is None:
+                raise PersonalizeError(f"{cv_path} is not a CLIP vision file ComfyUI's Load CLIP Vision reads (nor a "
+                                       "mini CLIP vision file). Give e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors.")
+    for obj in (out.model, out.clip and out.clip.patcher, out.vae and out.vae.patcher,
+                out.clip_vision and out.clip_vision.patcher):
+        if obj is not None:
+            for p in obj.model.parameters():
+                p.requires_grad_(False)
+    return out
+
+
+def _metadata(path) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a safetensors file: the stock loader decides
+        return {}
+
+
+def _is_mini(path) -> bool:
+    from . import mini_family
+    return str(path).endswith(".safetensors") and _metadata(path).get("format") == mini_family.FORMAT
+
+
+def _kind_of(path) -> str | None:
+    return _metadata(path).get("personalize.kind") if str(path).endswith(".safetensors") else None
