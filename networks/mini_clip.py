@@ -150,8 +150,16 @@ class ContrastiveCLIP(torch.nn.Module):
         return F.normalize(self.text(tokens), dim=-1)
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, same: torch.Tensor | None = None):
-        """Loss and accuracy on a batch: ``same`` [B, B] marks equal captions (identity when None)."""
+        """Loss and accuracy on a batch: ``same`` [B, B] marks equal captions (identity when None).
+
+        Under DDP the features of every rank are gathered (with their gradients, as OpenCLIP's ``gather_with_grad``)
+        so that each rank computes the loss of the whole global batch, and ``same`` is then the global
+        [W·B, W·B] matrix: the objective and its gradient are the single-process ones whatever the rank count."""
         img, txt = self.encode_image(pixels), self.encode_text(tokens)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_gather
+            img, txt = torch.cat(all_gather(img)), torch.cat(all_gather(txt))
         logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * img @ txt.T
         target = torch.eye(len(img), device=img.device) if same is None else same.float()
         target = target / target.sum(dim=1, keepdim=True)
@@ -244,10 +252,17 @@ class ContrastiveTask:
         return ContrastiveCLIP(self.vision_config, self.text_config, self.seed).to(device)
 
     def inputs(self, batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pixels, token ids, caption-equality matrix) of a SubjectBatch."""
+        """(pixels, token ids, caption-equality matrix) of a SubjectBatch; under DDP the matrix is over the captions
+        of every rank (rank order), as ContrastiveCLIP.forward gathers the features."""
         pixels = pixel_values(batch.images, self.vision_config).to(device)
         tokens = self.tokenizer(batch.captions).to(device)
-        same = (tokens[:, None, :] == tokens[None, :, :]).all(-1)
+        captions = list(batch.captions)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, captions)
+            captions = [c for part in gathered for c in part]
+        same = torch.tensor([[a == b for b in captions] for a in captions], device=device)
         return pixels, tokens, same
 
     def loss(self, module, batch, generator):
