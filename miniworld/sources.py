@@ -43,23 +43,65 @@ def subject_id(subject: world.Subject) -> str:
     return "_".join(w for w in (subject.pattern_colour, subject.pattern, subject.colour, subject.shape) if w)
 
 
-class WorldSource:
-    """``WorldSource(mode, seed)``: see the module docstring."""
+HARD_ATTRIBUTES = ("shape", "pattern", "colour")
 
-    def __init__(self, mode: str = "single", seed: int = 0):
+
+def _variant(subject: world.Subject, attribute: str, gen: torch.Generator) -> world.Subject:
+    """``subject`` with ``attribute`` redrawn uniformly (a pattern colour redrawn when needed), retried until it is a
+    base subject (its name is not a held-out one)."""
+    held = {s.words for s in world.heldout_subjects()}
+    while True:
+        shape, colour, pattern, second = subject.shape, subject.colour, subject.pattern, subject.pattern_colour
+        if attribute == "shape":
+            shape = world.SHAPES[int(torch.randint(len(world.SHAPES), (1,), generator=gen))]
+        elif attribute == "colour":
+            colour = world.COLOURS[int(torch.randint(len(world.COLOURS), (1,), generator=gen))]
+        else:
+            pattern = world.PATTERNS[int(torch.randint(len(world.PATTERNS), (1,), generator=gen))]
+        if pattern == "plain":
+            second = None
+        elif second is None or second not in world.pattern_colours(colour):
+            allowed = world.pattern_colours(colour)
+            second = allowed[int(torch.randint(len(allowed), (1,), generator=gen))]
+        candidate = world.Subject(shape, colour, pattern, second)
+        if candidate.words not in held:
+            return candidate
+
+
+class WorldSource:
+    """``WorldSource(mode, seed, hard_negatives=G)``: see the module docstring.
+
+    ``hard_negatives`` > 1 (single and views modes) makes each run of G consecutive stream positions a group: one
+    scene and one subject, each member with one attribute redrawn (shape, pattern or colour, by group in turn). In-
+    batch negatives then include subjects that differ from the positive in that attribute only, which a contrastive
+    encoder cannot tell apart by colour and scene alone (hard negatives, as in NegCLIP, Yuksekgonul et al. 2023)."""
+
+    def __init__(self, mode: str = "single", seed: int = 0, hard_negatives: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        self.mode, self.seed = mode, int(seed)
+        self.mode, self.seed, self.hard_negatives = mode, int(seed), int(hard_negatives)
 
     def _generator(self, position: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + position * 2_654_435_761) % (2**63 - 1))
+
+    def _subject(self, pos: int, g: torch.Generator) -> tuple[world.Subject, int | None]:
+        """The subject of stream position ``pos`` and, in a hard-negative group, the group's scene index."""
+        if self.hard_negatives <= 1 or self.mode == "pairs":
+            return draw_subject(g), None
+        group = pos // self.hard_negatives
+        gg = torch.Generator().manual_seed((self.seed * 1_000_003 + group * 40_503 + 17) % (2**63 - 1))
+        anchor = draw_subject(gg)
+        scene = int(torch.randint(len(world.SCENES), (1,), generator=gg))
+        return _variant(anchor, HARD_ATTRIBUTES[group % len(HARD_ATTRIBUTES)], g), scene
 
     def batch(self, step: int, rank: int, world_size: int, batch_size: int) -> SubjectBatch:
         draws = []
         for pos in global_indices(step, rank, world_size, batch_size):
             g = self._generator(pos)
-            subject = draw_subject(g)
+            subject, group_scene = self._subject(pos, g)
             scenes = torch.randperm(len(world.SCENES), generator=g)[:2].tolist()
+            if group_scene is not None:
+                scenes = [group_scene, next(k for k in scenes if k != group_scene)]
             seeds = torch.randint(2**62, (2,), generator=g).tolist()
             other = draw_subject(g) if self.mode == "pairs" else None
             draws.append((subject, [world.SCENES[k] for k in scenes], seeds, other))

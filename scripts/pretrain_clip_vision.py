@@ -28,6 +28,10 @@ sys.path.insert(0, str(ROOT / ".pythonpath"))  # `harness` only, never the repo 
 
 RECIPE = {"steps": 1500, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05, "warmup": 100,
           "checkpoint_every": 100, "validate_every": 500, "log_every": 10}
+# Groups of 8 renders sharing a scene and a subject but one attribute (miniworld/sources.WorldSource): with random
+# batches alone the tower separated captions by colour and scene and ignored shape (step 500 of a first run: caption
+# retrieval among shape alternatives 10 %, colour 97 %, scene 100 %).
+HARD_NEGATIVES = 8
 
 
 def main(argv=None) -> int:
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
     if args.folder:
         source = h.pack("core.pretrain_data").FolderSource(args.folder, size=args.size, seed=cfg.seed)
     else:
-        source = h.pack("miniworld.sources").WorldSource("single", seed=cfg.seed)
+        source = h.pack("miniworld.sources").WorldSource("single", seed=cfg.seed, hard_negatives=HARD_NEGATIVES)
     with distributed.process_group(cuda=cfg.device.startswith("cuda")) as (rank, _):
         result = engine.pretrain(task, source, cfg, args.work_dir, stop_after=args.stop_after)
     if result.steps < cfg.steps:
