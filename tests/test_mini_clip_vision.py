@@ -155,7 +155,8 @@ def _written_out_vit(sd: dict, pixels: torch.Tensor, cfg: dict) -> tuple:
     p = "vision_model."
     ln = lambda x, name: f.layer_norm(x, x.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], eps)  # noqa: E731
     lin = lambda x, name: x @ sd[name + ".weight"].T + sd[name + ".bias"]  # noqa: E731
-    x = f.conv2d(pixels, sd[p + "embeddings.patch_embedding.weight"], stride=cfg["patch_size"]).flatten(2).transpose(1, 2)
+    x = f.conv2d(pixels, sd[p + "embeddings.patch_embedding.weight"], stride=cfg["patch_size"])
+    x = x.flatten(2).transpose(1, 2)
     cls = sd[p + "embeddings.class_embedding"].expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], 1) + sd[p + "embeddings.position_embedding.weight"]
     x = ln(x, p + "pre_layrnorm")
@@ -235,7 +236,7 @@ def test_a_damaged_file_is_refused_with_the_fix(host, loader, vision_file, photo
     assert "PersonalizeError" in result.error["exception_type"] and "is damaged" in result.error_message()
 
 
-def test_a_file_of_another_kind_is_refused_with_the_fix(host, loader, mc, err):
+def test_a_file_of_another_kind_is_refused_with_the_fix(host, loader, err):
     folder = host.model_folder(FOLDER)
     hifi = pack_module(host, "methods.hifi_tuner")
     subject = folder / f"a_subject_{uuid.uuid4().hex[:6]}.safetensors"
