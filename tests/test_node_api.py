@@ -5,6 +5,12 @@ required/optional, output types and names must stay exactly as they were when th
 
     COMFYUI_PATH=... python tests/test_node_api.py > tests/data/node_api_v1.json
 
+A node added later gets its entry added the same way, the existing entries left as they are::
+
+    COMFYUI_PATH=... python tests/test_node_api.py --add PersonalizeNewNode
+
+(from then on its definition is held like the others').
+
 The dump reads what ComfyUI's ``/object_info`` reads (``INPUT_TYPES()``, ``RETURN_TYPES``, ``RETURN_NAMES``,
 ``OUTPUT_NODE``, ``CATEGORY``, the display name), so it works for V1 classes and, through ComfyUI's V1
 compatibility layer, for V3 ``io.ComfyNode`` classes alike. Both forms of a combo (V1: the option list as the type;
@@ -13,6 +19,7 @@ V3: ``"COMBO"`` with ``options``) are normalised to ``{"type": "COMBO", "options
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +31,8 @@ FIXTURE = Path(__file__).resolve().parent / "data" / "node_api_v1.json"
 COMPARED_OPTIONS = ("default", "min", "max", "step", "round", "multiline", "forceInput", "control_after_generate")
 # Combos whose options are the files of a model folder (they depend on the machine, not on the pack).
 FOLDER_COMBOS = {("PersonalizeLoadMiniModel", "ckpt_name"): "personalize_mini",
-                 ("PersonalizeHiFiLoadSubject", "subject_file"): "personalize_subjects"}
+                 ("PersonalizeHiFiLoadSubject", "subject_file"): "personalize_subjects",
+                 ("PersonalizeLoadMiniCLIPVision", "clip_name"): "personalize_clip_vision"}
 
 
 def _input(node_id: str, name: str, spec) -> dict:
@@ -112,7 +120,20 @@ def test_node_definition_unchanged(host, current, v1, node_id):
         if nid == node_id:
             raw = host.nodes.NODE_CLASS_MAPPINGS[nid].INPUT_TYPES()["required"][name]
             options = raw[0] if isinstance(raw[0], (list, tuple)) else raw[1]["options"]
-            assert list(options) == list(host.folder_paths.get_filename_list(folder))
+            assert list(options) == _folder_files(host, nid, folder)
+
+
+def _folder_files(host, node_id: str, folder: str) -> list[str]:
+    """The folder's files; for Load Mini Model less those the pack ships for other kinds under its models/ (its
+    folder lists subfolders: models/clip_vision/ holds the CLIP vision tower, not a checkpoint)."""
+    files = list(host.folder_paths.get_filename_list(folder))
+    if node_id != "PersonalizeLoadMiniModel":
+        return files
+    pack_models = (Path(host.pack_module.__file__).resolve().parent / "models").resolve()
+    shipped = {Path(k.shipped).resolve() for k in host.pack("core.artifacts").registered_kinds() if k.shipped}
+    others = {s for s in shipped if s != pack_models and pack_models in s.parents}
+    return [f for f in files if not any(s in Path(host.folder_paths.get_full_path(folder, f)).resolve().parents
+                                        for s in others)]
 
 
 def test_tooltips_and_descriptions_kept(current, v1):
@@ -135,13 +156,23 @@ def test_no_v1_node_classes(host):
         assert "FUNCTION" not in vars(cls) and "INPUT_TYPES" not in vars(cls), node_id
 
 
-if __name__ == "__main__":  # dump the booted pack's definitions (see the module docstring)
+if __name__ == "__main__":  # dump the booted pack's definitions, or add new nodes' (see the module docstring)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from harness.host import boot_scratch
 
     h = boot_scratch()
-    print(json.dumps(node_api(h.nodes.NODE_CLASS_MAPPINGS, h.nodes.NODE_DISPLAY_NAME_MAPPINGS, h.pack_node_ids),
-                     indent=1, sort_keys=False))
+    if sys.argv[1:2] == ["--add"]:
+        kept = json.loads(FIXTURE.read_text())
+        added = node_api(h.nodes.NODE_CLASS_MAPPINGS, h.nodes.NODE_DISPLAY_NAME_MAPPINGS, sys.argv[2:])
+        if set(added) & set(kept):
+            sys.exit(f"already in {FIXTURE.name}: {sorted(set(added) & set(kept))} (existing entries are not changed)")
+        merged = {**kept, **added}
+        tmp = FIXTURE.with_name(FIXTURE.name + ".tmp")
+        tmp.write_text(json.dumps({k: merged[k] for k in sorted(merged)}, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, FIXTURE)
+    else:
+        print(json.dumps(node_api(h.nodes.NODE_CLASS_MAPPINGS, h.nodes.NODE_DISPLAY_NAME_MAPPINGS, h.pack_node_ids),
+                         indent=1, sort_keys=False))
 
 
 V1_WORKFLOWS = sorted((Path(__file__).resolve().parent / "data" / "workflows_v1").glob("*.json"))
