@@ -76,10 +76,14 @@ class WorldSource:
     batch negatives then include subjects that differ from the positive in that attribute only, which a contrastive
     encoder cannot tell apart by colour and scene alone (hard negatives, as in NegCLIP, Yuksekgonul et al. 2023)."""
 
-    def __init__(self, mode: str = "single", seed: int = 0, hard_negatives: int = 0):
+    def __init__(self, mode: str = "single", seed: int = 0, hard_negatives: int = 0,
+                 hard_attributes: tuple[str, ...] = HARD_ATTRIBUTES):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if not hard_attributes or any(a not in HARD_ATTRIBUTES for a in hard_attributes):
+            raise ValueError(f"hard_attributes must be some of {HARD_ATTRIBUTES}, not {hard_attributes!r}")
         self.mode, self.seed, self.hard_negatives = mode, int(seed), int(hard_negatives)
+        self.hard_attributes = tuple(hard_attributes)
 
     def _generator(self, position: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + position * 2_654_435_761) % (2**63 - 1))
@@ -92,7 +96,7 @@ class WorldSource:
         gg = torch.Generator().manual_seed((self.seed * 1_000_003 + group * 40_503 + 17) % (2**63 - 1))
         anchor = draw_subject(gg)
         scene = int(torch.randint(len(world.SCENES), (1,), generator=gg))
-        return _variant(anchor, HARD_ATTRIBUTES[group % len(HARD_ATTRIBUTES)], g), scene
+        return _variant(anchor, self.hard_attributes[group % len(self.hard_attributes)], g), scene
 
     def batch(self, step: int, rank: int, world_size: int, batch_size: int) -> SubjectBatch:
         draws = []

@@ -100,11 +100,22 @@ def test_no_workflow_reads_a_file_its_own_run_writes(host, path):
     assert not any(n["type"] == "PersonalizeHiFiLoadSubject" for n in active)
 
 
+#: Nodes whose first workflow comes with the method that consumes them (node id -> why). Each must still be missing
+#: from every workflow (the test fails once one uses it, so the entry is removed then) and run by the executor in a
+#: test of its own.
+FIRST_WORKFLOW_PENDING = {
+    # Its CLIP_VISION feeds PromptNet Encode (ProFusion, issue #20); no stock node gives a useful picture from it
+    # on an SD1-architecture model. tests/test_mini_clip_vision.py runs it through the executor.
+    "PersonalizeLoadMiniCLIPVision": "ProFusion's workflows",
+}
+
+
 def test_every_pack_node_is_in_a_workflow(host):
     used = set()
     for p in WORKFLOWS:
         used |= {n["type"] for n in _load(p)["nodes"]}
-    assert set(host.pack_node_ids) <= used, set(host.pack_node_ids) - used
+    missing = set(host.pack_node_ids) - used
+    assert missing == set(FIRST_WORKFLOW_PENDING), missing ^ set(FIRST_WORKFLOW_PENDING)
 
 
 @pytest.mark.server
