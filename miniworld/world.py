@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -378,12 +378,29 @@ def _pose_from_uniforms(r: torch.Tensor) -> Pose:
 
 def _draw(seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """All random numbers of one sample: pose uniforms [4], scene params [8], named noise fields."""
+    return _draw_with_generator(seed)[:3]
+
+
+def _draw_with_generator(
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Generator]:
+    """:func:`_draw`, plus its generator in the state after the draw (two-subject scenes draw the second pose from
+    it, so a pair image shares its background with the single-subject image of the same seed and scene)."""
     gen = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(4 + _NUM_PARAMS, generator=gen)
     sizes = [math.prod(s) for s in _NOISE_SHAPES.values()]
     flat = torch.randn(sum(sizes), generator=gen).split(sizes)
     noise = {name: t.view(shape) for (name, shape), t in zip(_NOISE_SHAPES.items(), flat)}
-    return uniforms[:4], uniforms[4:], noise
+    return uniforms[:4], uniforms[4:], noise, gen
+
+
+def _stack_draws(
+    draws: Sequence[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scene params [B, 8] and noise fields (each [B, ...]) of per-sample draws."""
+    params = torch.stack([d[1] for d in draws])
+    noise = {name: torch.stack([d[2][name] for d in draws]) for name in _NOISE_SHAPES}
+    return params, noise
 
 
 def _apply_grouped(fns: dict[str, Callable], keys: Sequence[str], out: torch.Tensor, *args: torch.Tensor) -> None:
@@ -447,6 +464,25 @@ def _shade(poses: Sequence[Pose]) -> torch.Tensor:
     return (0.085 * (v - u)).clamp(-0.12, 0.12)[:, None]
 
 
+def _background(scenes: Sequence[str], noise: dict[str, torch.Tensor], params: torch.Tensor) -> torch.Tensor:
+    """The scenes' backgrounds [B, 3, 64, 64] from the stacked draws (before any shadow)."""
+    background = torch.empty(len(scenes), 3, IMAGE_SIZE, IMAGE_SIZE)
+    _apply_grouped(_SCENE_FNS, scenes, background, noise["fine"], noise["coarse"], params)
+    return background
+
+
+def _subject_colour(subjects: Sequence[Subject], poses: Sequence[Pose], cover: torch.Tensor, marked: torch.Tensor,
+                    texture_noise: torch.Tensor) -> torch.Tensor:
+    """Each subject's unclamped colour over the whole image [B, 3, 64, 64]: main and pattern colour mixed by the
+    pattern's share of the pixel's coverage, plus the light gradient and the texture noise (``texture_noise``
+    [B, 64, 64])."""
+    base = _colour_table([s.colour for s in subjects])
+    second = _colour_table([s.pattern_colour or s.colour for s in subjects])
+    texture = torch.tensor([s.texture for s in subjects]).view(-1, 1, 1, 1)
+    frac = (marked / cover.clamp(min=1e-6))[:, None]
+    return base * (1 - frac) + second * frac + _shade(poses) + texture * texture_noise[:, None]
+
+
 def render_batch(
     subjects: Sequence[Subject], scenes: Sequence[str], seeds: Sequence[int], poses: Sequence[Pose] | None = None,
 ) -> SampleBatch:
@@ -459,19 +495,11 @@ def render_batch(
     draws = [_draw(int(s)) for s in seeds]
     if poses is None:
         poses = [_pose_from_uniforms(d[0]) for d in draws]
-    params = torch.stack([d[1] for d in draws])
-    noise = {name: torch.stack([d[2][name] for d in draws]) for name in _NOISE_SHAPES}
+    params, noise = _stack_draws(draws)
 
     cover, marked = _coverage(subjects, poses)
-    background = torch.empty(len(seeds), 3, IMAGE_SIZE, IMAGE_SIZE)
-    _apply_grouped(_SCENE_FNS, scenes, background, noise["fine"], noise["coarse"], params)
-    background = background * (1 - 0.4 * _drop_shadow(cover))
-
-    base = _colour_table([s.colour for s in subjects])
-    second = _colour_table([s.pattern_colour or s.colour for s in subjects])
-    texture = torch.tensor([s.texture for s in subjects]).view(-1, 1, 1, 1)
-    frac = (marked / cover.clamp(min=1e-6))[:, None]
-    colour = base * (1 - frac) + second * frac + _shade(poses) + texture * noise["texture"][:, None]
+    background = _background(scenes, noise, params) * (1 - 0.4 * _drop_shadow(cover))
+    colour = _subject_colour(subjects, poses, cover, marked, noise["texture"])
     alpha = cover[:, None]
     images = (background * (1 - alpha) + colour * alpha).clamp(0, 1)
     return SampleBatch(
@@ -548,12 +576,9 @@ def _base_by_name() -> tuple[tuple[Subject, ...], ...]:
 def training_batch(batch_size: int, generator: torch.Generator) -> SampleBatch:
     """Random base-training samples: caption name (shape, colour, pattern) uniform over the base names, then its
     pattern colour, the scene and the render seed uniform; all drawn from ``generator`` (a CPU generator)."""
-    names = _base_by_name()
-    picks = torch.randint(len(names), (batch_size,), generator=generator).tolist()
-    variants = torch.rand(batch_size, generator=generator).tolist()
+    subjects = _base_draw(batch_size, generator)
     scenes = torch.randint(len(SCENES), (batch_size,), generator=generator).tolist()
     seeds = torch.randint(2**62, (batch_size,), generator=generator).tolist()
-    subjects = [names[p][int(r * len(names[p]))] for p, r in zip(picks, variants)]
     return render_batch(subjects, [SCENES[k] for k in scenes], seeds)
 
 
@@ -640,3 +665,220 @@ def heldout_half(half: str, seed: int = 0, views: int = REFERENCE_VIEWS) -> tupl
         raise ValueError(f"half must be one of {', '.join(HALVES)}, not {half!r}")
     heldouts = heldout_set(seed=seed, views=views)
     return tuple(heldouts[i] for i in HALVES[half])
+
+
+# --------------------------------------------------------------------------------------------------- identity sets
+# Several views of one subject (random pose, scale and scene), for encoders that learn a subject from one view and
+# are scored on the others (PromptNet, hypernetworks, Subject-Diffusion pre-training).
+
+
+def _scene_cycle(views: int, gen: torch.Generator) -> list[str]:
+    """``views`` scenes: concatenated random permutations of :data:`SCENES`, so up to 6 views have distinct
+    scenes and consecutive views never share one inside a permutation."""
+    out: list[str] = []
+    while len(out) < views:
+        out += [SCENES[k] for k in torch.randperm(len(SCENES), generator=gen).tolist()]
+    return out[:views]
+
+
+def identity_set(subject: Subject, views: int, seed: int, scenes: str | Sequence[str] | None = None) -> SampleBatch:
+    """``views`` renders of ONE subject, each with its own render seed (so its own random pose, scale and noise),
+    drawn from ``torch.Generator().manual_seed(seed)``: deterministic in ``seed``.
+
+    ``scenes``: ``None`` draws them (distinct for up to 6 views, see :func:`_scene_cycle`), a scene name puts every
+    view there, a sequence gives one scene per view. Any subject is accepted (held-out ones too: an identity set of
+    a held-out subject is evaluation data); pre-training must draw from :func:`view_pairs`, which only uses
+    :func:`base_subjects`.
+    """
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
+    gen = torch.Generator().manual_seed(int(seed))
+    if scenes is None:
+        scene_list = _scene_cycle(views, gen)
+    elif isinstance(scenes, str):
+        scene_list = [scenes] * views
+    else:
+        scene_list = list(scenes)
+        if len(scene_list) != views:
+            raise ValueError(f"scenes has {len(scene_list)} entries for {views} views; give one per view")
+    seeds = torch.randint(2**62, (views,), generator=gen).tolist()
+    return render_batch([subject] * views, scene_list, seeds)
+
+
+class ViewPairs(NamedTuple):
+    """Row ``i`` of ``reference`` and of ``target`` show the same subject (equal :class:`Subject`, so the same
+    pattern colour too) with different render seeds, hence different poses and noise."""
+
+    reference: SampleBatch
+    target: SampleBatch
+
+
+def _base_draw(batch_size: int, generator: torch.Generator) -> list[Subject]:
+    """Base subjects as :func:`training_batch` draws them: the caption name uniform over the base names, then the
+    pattern colour uniform."""
+    names = _base_by_name()
+    picks = torch.randint(len(names), (batch_size,), generator=generator).tolist()
+    variants = torch.rand(batch_size, generator=generator).tolist()
+    return [names[p][int(r * len(names[p]))] for p, r in zip(picks, variants)]
+
+
+def _distinct_seeds(batch_size: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """Two render seeds per row, drawn from ``generator``; the second is moved off the first on a (vanishingly
+    rare) collision."""
+    first = torch.randint(2**62, (batch_size,), generator=generator).tolist()
+    second = torch.randint(2**62, (batch_size,), generator=generator).tolist()
+    return first, [t if t != r else (t + 1) % 2**62 for r, t in zip(first, second)]
+
+
+def view_pairs(batch_size: int, generator: torch.Generator, same_scene: bool = False) -> ViewPairs:
+    """Pre-training pairs for subject encoders: for each row a base subject (drawn like :func:`training_batch`), a
+    reference view and a target view of it with different render seeds (so different poses) and, unless
+    ``same_scene``, a different scene. Captions, masks and boxes are each view's own. Only
+    :func:`base_subjects` are drawn; everything comes from ``generator`` (a CPU generator)."""
+    subjects = _base_draw(batch_size, generator)
+    ref_scenes = torch.randint(len(SCENES), (batch_size,), generator=generator)
+    if same_scene:
+        tgt_scenes = ref_scenes
+    else:
+        tgt_scenes = (ref_scenes + torch.randint(1, len(SCENES), (batch_size,), generator=generator)) % len(SCENES)
+    ref_seeds, tgt_seeds = _distinct_seeds(batch_size, generator)
+    return ViewPairs(
+        reference=render_batch(subjects, [SCENES[k] for k in ref_scenes.tolist()], ref_seeds),
+        target=render_batch(subjects, [SCENES[k] for k in tgt_scenes.tolist()], tgt_seeds),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- two subjects
+# Two subjects in one image: the first on the left half, the second on the right half, each fully inside its half
+# (so they never overlap), smaller than single subjects so that two fit in 64×64. The caption names them left to
+# right. The background, the texture noise and the first pose's uniforms are the seed's single-subject draw
+# (:func:`_draw`); the second pose's uniforms follow from the same generator.
+
+PAIR_SCALE_RANGE = (11.0, 14.5)
+"""Half-size of each subject of a two-subject scene in pixels (bounding size ≈ 22–29 px, ≥ 2.75 latent cells): the
+enclosing disc fits a 32-px half of the image with a 1 px margin up to a half-size of 15."""
+
+
+def pair_caption(subject_a: Subject, subject_b: Subject, scene: str) -> str:
+    """``"a photo of a striped blue star and a red circle on the beach"`` (the single-subject wording of
+    :func:`caption`, the first subject named first)."""
+    return (f"a photo of {article(subject_a.name)} {subject_a.name} and {article(subject_b.name)} {subject_b.name} "
+            f"{SCENE_PHRASES[scene]}")
+
+
+@dataclass(frozen=True)
+class PairSample:
+    """One two-subject image: ``image`` [64, 64, 3]; ``masks`` [2, 64, 64], each subject's visible coverage
+    (first subject, second subject); ``boxes`` their end-exclusive (x0, y0, x1, y1); ``union_mask`` [64, 64] the
+    coverage of both (the compositing alpha)."""
+
+    image: torch.Tensor
+    masks: torch.Tensor
+    boxes: tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+    union_mask: torch.Tensor
+    caption: str
+    subjects: tuple[Subject, Subject]
+    scene: str
+    poses: tuple[Pose, Pose]
+    seed: int
+
+
+@dataclass(frozen=True, eq=False)
+class PairBatch:
+    """A batch of two-subject images: ``images`` [B, 64, 64, 3], ``masks`` [B, 2, 64, 64] (per subject, visible
+    coverage), ``boxes`` int64 [B, 2, 4] (per subject, of ``masks > 0.5``), ``union_masks`` [B, 64, 64]."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    union_masks: torch.Tensor
+    captions: list[str]
+    subjects: list[tuple[Subject, Subject]]
+    scenes: list[str]
+    poses: list[tuple[Pose, Pose]]
+    seeds: list[int]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> PairSample:
+        boxes = self.boxes[i].tolist()
+        return PairSample(
+            image=self.images[i], masks=self.masks[i], boxes=(tuple(boxes[0]), tuple(boxes[1])),
+            union_mask=self.union_masks[i], caption=self.captions[i], subjects=self.subjects[i],
+            scene=self.scenes[i], poses=self.poses[i], seed=self.seeds[i],
+        )
+
+
+def _pair_pose_from_uniforms(r: torch.Tensor, side: int) -> Pose:
+    """Random pose from 4 uniforms inside the left (``side`` 0) or right (1) half of the image: half-size in
+    :data:`PAIR_SCALE_RANGE`, the enclosing disc at least 1 px inside the half."""
+    lo_s, hi_s = PAIR_SCALE_RANGE
+    scale = lo_s + (hi_s - lo_s) * float(r[0])
+    half = IMAGE_SIZE / 2
+    lo_x, hi_x = side * half + scale + 1, (side + 1) * half - scale - 1
+    lo_y, hi_y = scale + 1, IMAGE_SIZE - scale - 1
+    return Pose(
+        x=lo_x + (hi_x - lo_x) * float(r[1]), y=lo_y + (hi_y - lo_y) * float(r[2]), scale=scale,
+        rotation=MAX_ROTATION * (2 * float(r[3]) - 1),
+    )
+
+
+def render_pairs(
+    subjects_a: Sequence[Subject], subjects_b: Sequence[Subject], scenes: Sequence[str], seeds: Sequence[int],
+    poses: Sequence[tuple[Pose, Pose]] | None = None,
+) -> PairBatch:
+    """Render ``len(seeds)`` two-subject images: ``subjects_a[i]`` on the left, ``subjects_b[i]`` on the right.
+    Image ``i`` depends only on its own arguments. Explicit ``poses`` may place the subjects anywhere (the second
+    is drawn over the first where they overlap; the first one's mask is then its visible part)."""
+    n = len(seeds)
+    if not len(subjects_a) == len(subjects_b) == len(scenes) == n or (poses is not None and len(poses) != n):
+        raise ValueError("subjects_a, subjects_b, scenes, seeds (and poses) must have equal lengths")
+    if any(sc not in SCENE_PHRASES for sc in scenes):
+        raise ValueError(f"unknown scene in {list(scenes)}; known: {SCENES}")
+    draws = [_draw_with_generator(int(s)) for s in seeds]
+    if poses is None:
+        poses = [(_pair_pose_from_uniforms(d[0], 0), _pair_pose_from_uniforms(torch.rand(4, generator=d[3]), 1))
+                 for d in draws]
+    poses = [tuple(p) for p in poses]
+    params, noise = _stack_draws(draws)
+
+    subjects, flat_poses = [*subjects_a, *subjects_b], [p[0] for p in poses] + [p[1] for p in poses]
+    cover, marked = _coverage(subjects, flat_poses)
+    texture_noise = torch.cat([noise["texture"], noise["texture"]])
+    colour = _subject_colour(subjects, flat_poses, cover, marked, texture_noise)
+    alpha_a, alpha_b = cover[:n, None], cover[n:, None]
+    union = 1 - (1 - alpha_a) * (1 - alpha_b)
+    background = _background(scenes, noise, params) * (1 - 0.4 * _drop_shadow(union[:, 0]))
+    images = background * (1 - alpha_a) + colour[:n] * alpha_a
+    images = (images * (1 - alpha_b) + colour[n:] * alpha_b).clamp(0, 1)
+    masks = torch.cat([alpha_a * (1 - alpha_b), alpha_b], dim=1)
+    boxes = _boxes(masks.flatten(0, 1)).view(n, 2, 4)
+    return PairBatch(
+        images=images.permute(0, 2, 3, 1).contiguous(), masks=masks, boxes=boxes, union_masks=union[:, 0],
+        captions=[pair_caption(a, b, sc) for a, b, sc in zip(subjects_a, subjects_b, scenes)],
+        subjects=list(zip(subjects_a, subjects_b)), scenes=list(scenes), poses=list(poses),
+        seeds=[int(s) for s in seeds],
+    )
+
+
+def render_pair(subject_a: Subject, subject_b: Subject, scene: str, seed: int,
+                poses: tuple[Pose, Pose] | None = None) -> PairSample:
+    """One two-subject image (:func:`render_pairs`): ``subject_a`` left, ``subject_b`` right, random poses from
+    ``seed`` unless ``poses`` are given."""
+    return render_pairs([subject_a], [subject_b], [scene], [seed], None if poses is None else [poses])[0]
+
+
+def training_pairs(batch_size: int, generator: torch.Generator) -> PairBatch:
+    """Random two-subject pre-training images over :func:`base_subjects`: each subject drawn like
+    :func:`training_batch` (caption name uniform, then pattern colour), the second one's caption name different
+    from the first's; scene and render seed uniform; all from ``generator`` (a CPU generator)."""
+    names = _base_by_name()
+    first = torch.randint(len(names), (batch_size,), generator=generator)
+    second = (first + torch.randint(1, len(names), (batch_size,), generator=generator)) % len(names)
+    variants = torch.rand(batch_size, 2, generator=generator).tolist()
+    scenes = torch.randint(len(SCENES), (batch_size,), generator=generator).tolist()
+    seeds = torch.randint(2**62, (batch_size,), generator=generator).tolist()
+    subjects_a = [names[k][int(r[0] * len(names[k]))] for k, r in zip(first.tolist(), variants)]
+    subjects_b = [names[k][int(r[1] * len(names[k]))] for k, r in zip(second.tolist(), variants)]
+    return render_pairs(subjects_a, subjects_b, [SCENES[k] for k in scenes], seeds)
