@@ -276,3 +276,33 @@ def test_heldout_subjects_stay_out_of_every_pretraining_source():
         for attr in ("shape", "colour", "pattern", "pattern_colour"):
             missing = {getattr(h, attr) for h in held} - {getattr(s, attr) for s in subjects}
             assert not missing, f"{name} never shows held-out {attr}s {missing}"
+
+
+# ------------------------------------------------------------------------------------------------ the judge's crops
+
+
+def test_the_two_subject_judge_reads_world_pair_renders_right():
+    """scripts/eval_two_subjects.py's instrument: the evaluators on the edge-padded halves of correct two-subject
+    images name each subject's shape and colour, and a mismatched pair (the next row's) scores near chance."""
+    from comfyui_personalize.miniworld.evaluators import load_evaluator
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import eval_two_subjects as script
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    pairs = script.pick_pairs(48, 3, W)
+    assert all(a.shape != b.shape and a.colour != b.colour and a in set(base_subjects()) for a, b, *_ in pairs)
+    images = render_pairs([a for a, *_ in pairs], [b for _, b, *_ in pairs], [p[2] for p in pairs],
+                          [p[3] for p in pairs]).images
+    ev = load_evaluator()
+    left, right = script.half_crops(ev, images)
+    assert left.shape == right.shape == images.shape and left.min() >= 0 and left.max() <= 1
+    # each view comes from its own half: the left view of an image whose right half is blanked is unchanged
+    blanked = images.clone()
+    blanked[:, :, 32:] = 0
+    assert torch.equal(script.half_crops(ev, blanked)[0], left)
+    right_pairs = script.score(ev, images, pairs)
+    assert right_pairs["both shapes + colours"] >= 0.8 and right_pairs["scene"] >= 0.9
+    wrong = script.score(ev, images, pairs[1:] + pairs[:1])
+    assert wrong["both shapes"] <= 0.1
