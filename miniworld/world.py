@@ -766,7 +766,7 @@ def pair_caption(subject_a: Subject, subject_b: Subject, scene: str) -> str:
             f"{SCENE_PHRASES[scene]}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PairSample:
     """One two-subject image: ``image`` [64, 64, 3]; ``masks`` [2, 64, 64], each subject's visible coverage
     (first subject, second subject); ``boxes`` their end-exclusive (x0, y0, x1, y1); ``union_mask`` [64, 64] the
