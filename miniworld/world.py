@@ -768,14 +768,14 @@ def pair_caption(subject_a: Subject, subject_b: Subject, scene: str) -> str:
 
 @dataclass(frozen=True, eq=False)
 class PairSample:
-    """One two-subject image: ``image`` [64, 64, 3]; ``masks`` [2, 64, 64], each subject's visible coverage
-    (first subject, second subject); ``boxes`` their end-exclusive (x0, y0, x1, y1); ``union_mask`` [64, 64] the
-    coverage of both (the compositing alpha)."""
+    """One two-subject image: ``image`` [64, 64, 3]; ``mask`` [64, 64] the coverage of both subjects (the
+    compositing alpha); ``subject_masks`` [2, 64, 64] each subject's visible coverage (first subject, second
+    subject); ``boxes`` their end-exclusive (x0, y0, x1, y1) of ``subject_masks > 0.5``."""
 
     image: torch.Tensor
-    masks: torch.Tensor
+    mask: torch.Tensor
+    subject_masks: torch.Tensor
     boxes: tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
-    union_mask: torch.Tensor
     caption: str
     subjects: tuple[Subject, Subject]
     scene: str
@@ -785,13 +785,14 @@ class PairSample:
 
 @dataclass(frozen=True, eq=False)
 class PairBatch:
-    """A batch of two-subject images: ``images`` [B, 64, 64, 3], ``masks`` [B, 2, 64, 64] (per subject, visible
-    coverage), ``boxes`` int64 [B, 2, 4] (per subject, of ``masks > 0.5``), ``union_masks`` [B, 64, 64]."""
+    """A batch of two-subject images: ``images`` [B, 64, 64, 3], ``masks`` [B, 64, 64] (union of both subjects, as
+    :class:`SampleBatch` ``masks`` covers its one subject), ``subject_masks`` [B, 2, 64, 64] (per subject, visible
+    coverage), ``boxes`` int64 [B, 2, 4] (per subject, of ``subject_masks > 0.5``)."""
 
     images: torch.Tensor
     masks: torch.Tensor
+    subject_masks: torch.Tensor
     boxes: torch.Tensor
-    union_masks: torch.Tensor
     captions: list[str]
     subjects: list[tuple[Subject, Subject]]
     scenes: list[str]
@@ -804,8 +805,8 @@ class PairBatch:
     def __getitem__(self, i: int) -> PairSample:
         boxes = self.boxes[i].tolist()
         return PairSample(
-            image=self.images[i], masks=self.masks[i], boxes=(tuple(boxes[0]), tuple(boxes[1])),
-            union_mask=self.union_masks[i], caption=self.captions[i], subjects=self.subjects[i],
+            image=self.images[i], mask=self.masks[i], subject_masks=self.subject_masks[i],
+            boxes=(tuple(boxes[0]), tuple(boxes[1])), caption=self.captions[i], subjects=self.subjects[i],
             scene=self.scenes[i], poses=self.poses[i], seed=self.seeds[i],
         )
 
@@ -830,7 +831,7 @@ def render_pairs(
 ) -> PairBatch:
     """Render ``len(seeds)`` two-subject images: ``subjects_a[i]`` on the left, ``subjects_b[i]`` on the right.
     Image ``i`` depends only on its own arguments. Explicit ``poses`` may place the subjects anywhere (the second
-    is drawn over the first where they overlap; the first one's mask is then its visible part)."""
+    is drawn over the first where they overlap; the first one's subject mask is then its visible part)."""
     n = len(seeds)
     if not len(subjects_a) == len(subjects_b) == len(scenes) == n or (poses is not None and len(poses) != n):
         raise ValueError("subjects_a, subjects_b, scenes, seeds (and poses) must have equal lengths")
@@ -852,10 +853,10 @@ def render_pairs(
     background = _background(scenes, noise, params) * (1 - 0.4 * _drop_shadow(union[:, 0]))
     images = background * (1 - alpha_a) + colour[:n] * alpha_a
     images = (images * (1 - alpha_b) + colour[n:] * alpha_b).clamp(0, 1)
-    masks = torch.cat([alpha_a * (1 - alpha_b), alpha_b], dim=1)
-    boxes = _boxes(masks.flatten(0, 1)).view(n, 2, 4)
+    subject_masks = torch.cat([alpha_a * (1 - alpha_b), alpha_b], dim=1)
+    boxes = _boxes(subject_masks.flatten(0, 1)).view(n, 2, 4)
     return PairBatch(
-        images=images.permute(0, 2, 3, 1).contiguous(), masks=masks, boxes=boxes, union_masks=union[:, 0],
+        images=images.permute(0, 2, 3, 1).contiguous(), masks=union[:, 0], subject_masks=subject_masks, boxes=boxes,
         captions=[pair_caption(a, b, sc) for a, b, sc in zip(subjects_a, subjects_b, scenes)],
         subjects=list(zip(subjects_a, subjects_b)), scenes=list(scenes), poses=list(poses),
         seeds=[int(s) for s in seeds],

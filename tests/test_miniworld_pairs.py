@@ -170,9 +170,9 @@ def test_pair_batch_shapes_dtypes_and_determinism():
     gen = torch.Generator().manual_seed(5)
     batch = training_pairs(10, gen)
     assert batch.images.shape == (10, IMAGE_SIZE, IMAGE_SIZE, 3) and batch.images.dtype == torch.float32
-    assert batch.masks.shape == (10, 2, IMAGE_SIZE, IMAGE_SIZE) and batch.masks.dtype == torch.float32
+    assert batch.subject_masks.shape == (10, 2, IMAGE_SIZE, IMAGE_SIZE) and batch.subject_masks.dtype == torch.float32
     assert batch.boxes.shape == (10, 2, 4) and batch.boxes.dtype == torch.int64
-    assert batch.union_masks.shape == (10, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch.masks.shape == (10, IMAGE_SIZE, IMAGE_SIZE) and batch.masks.dtype == torch.float32
     assert batch.images.min() >= 0 and batch.images.max() <= 1
     assert len(batch.captions) == len(batch.subjects) == len(batch.poses) == len(batch) == 10
     again = training_pairs(10, torch.Generator().manual_seed(5))
@@ -180,7 +180,8 @@ def test_pair_batch_shapes_dtypes_and_determinism():
     assert not torch.equal(training_pairs(10, torch.Generator().manual_seed(6)).images, batch.images)
     one = batch[3]
     alone = render_pair(*one.subjects, one.scene, one.seed)
-    assert torch.equal(alone.image, one.image) and torch.equal(alone.masks, one.masks) and alone.boxes == one.boxes
+    assert torch.equal(alone.image, one.image) and torch.equal(alone.subject_masks, one.subject_masks)
+    assert torch.equal(alone.mask, one.mask) and alone.boxes == one.boxes
     assert one.caption == pair_caption(*one.subjects, one.scene)
     assert all(a.words != b.words for a, b in batch.subjects), "a pair names two different subjects"
 
@@ -191,26 +192,29 @@ def test_pair_masks_boxes_and_union_are_consistent():
     for i in range(len(batch)):
         s = batch[i]
         for k in range(2):
-            on = s.masks[k] > 0.5
+            mask = s.subject_masks[k]
+            on = mask > 0.5
             ys, xs = torch.nonzero(on, as_tuple=True)
             assert s.boxes[k] == (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            cover = s.masks[k] > 0
+            cover = mask > 0
             x0, y0, x1, y1 = s.boxes[k]
-            assert s.masks[k][:, :x0].max() <= 0.5 and s.masks[k][:, x1:].max() <= 0.5
+            assert mask[:, :x0].max() <= 0.5 and mask[:, x1:].max() <= 0.5
             # fully inside the image, and inside its own half (left for the first-named subject)
-            assert torch.cat([s.masks[k][0], s.masks[k][-1], s.masks[k][:, 0], s.masks[k][:, -1]]).max() == 0
+            assert torch.cat([mask[0], mask[-1], mask[:, 0], mask[:, -1]]).max() == 0
             side = cover[:, half:] if k == 0 else cover[:, :half]
             assert not side.any(), f"subject {k} leaves its half"
             scale = s.poses[k].scale
             assert PAIR_SCALE_RANGE[0] <= scale <= PAIR_SCALE_RANGE[1]
             assert 0.6 * scale <= max(x1 - x0, y1 - y0) <= 2 * scale + 1
-        assert float(torch.minimum(s.masks[0], s.masks[1]).sum()) == 0, "random pair poses never overlap"
-        assert torch.allclose(s.masks.sum(0), s.union_mask, atol=1e-6)
+        overlap = float(torch.minimum(s.subject_masks[0], s.subject_masks[1]).sum())
+        assert overlap == 0, "random pair poses never overlap"
+        assert torch.allclose(s.subject_masks.sum(0), s.mask, atol=1e-6)
     # independent reference: the union is the single-subject coverages of the two poses
     single = render_batch([a for a, _ in batch.subjects] + [b for _, b in batch.subjects], ["snow"] * 80,
                           [0] * 80, [p[0] for p in batch.poses] + [p[1] for p in batch.poses])
-    assert torch.allclose(batch.union_masks, single.masks[:40] + single.masks[40:], atol=1e-6)
-    assert torch.equal(batch.masks[:, 0], single.masks[:40]) and torch.equal(batch.masks[:, 1], single.masks[40:])
+    assert torch.allclose(batch.masks, single.masks[:40] + single.masks[40:], atol=1e-6)
+    assert torch.equal(batch.subject_masks[:, 0], single.masks[:40])
+    assert torch.equal(batch.subject_masks[:, 1], single.masks[40:])
 
 
 def test_pair_pixels_are_the_single_subject_renders_of_each_pose():
@@ -223,7 +227,7 @@ def test_pair_pixels_are_the_single_subject_renders_of_each_pose():
         inside = singles.masks[k] >= 1
         assert inside.sum() > 100
         assert torch.allclose(pair.image[inside], singles.images[k][inside], atol=1e-6)
-    near = F.max_pool2d(pair.union_mask[None, None], 11, stride=1, padding=5)[0, 0] > 0
+    near = F.max_pool2d(pair.mask[None, None], 11, stride=1, padding=5)[0, 0] > 0
     assert (~near).sum() > 500
     assert torch.allclose(pair.image[~near], singles.images[0][~near], atol=1e-6)
 
@@ -232,9 +236,9 @@ def test_explicit_overlapping_poses_draw_the_second_subject_on_top():
     poses = (Pose(30, 32, 14, 0.0), Pose(36, 32, 14, 0.0))
     s = render_pair(Subject("square", "red"), Subject("circle", "blue"), "snow", 0, poses=poses)
     alone = render_batch([Subject("square", "red"), Subject("circle", "blue")], ["snow"] * 2, [0, 0], list(poses))
-    assert torch.allclose(s.masks[0], alone.masks[0] * (1 - alone.masks[1]), atol=1e-6)
-    assert torch.equal(s.masks[1], alone.masks[1])
-    assert torch.allclose(s.union_mask, 1 - (1 - alone.masks[0]) * (1 - alone.masks[1]), atol=1e-6)
+    assert torch.allclose(s.subject_masks[0], alone.masks[0] * (1 - alone.masks[1]), atol=1e-6)
+    assert torch.equal(s.subject_masks[1], alone.masks[1])
+    assert torch.allclose(s.mask, 1 - (1 - alone.masks[0]) * (1 - alone.masks[1]), atol=1e-6)
     centre = s.image[32, 33]
     assert centre[2] > 0.7 and centre[0] < 0.3, "the overlap shows the second (blue) subject"
     with pytest.raises(ValueError, match="equal lengths"):
@@ -261,11 +265,31 @@ def _pretraining_subjects() -> dict[str, tuple[list[Subject], list[str]]]:
     return sources
 
 
-def test_heldout_subjects_stay_out_of_every_pretraining_source():
+def _world_source_subjects(host) -> dict[str, tuple[list, list[str]]]:
+    """Subjects and captions of miniworld/sources.py's WorldSource (the pre-training engine's world data) in every
+    mode, with and without hard-negative groups (it imports core/, so it is loaded through the booted host)."""
+    from helpers import pack_module
+
+    sources = pack_module(host, "miniworld.sources")
+    out: dict[str, tuple[list, list[str]]] = {}
+    for mode in sources.MODES:
+        for groups in (0, 8):
+            if groups and mode == "pairs":
+                continue
+            src = sources.WorldSource(mode, seed=11, hard_negatives=groups)
+            batches = [src.batch(step, 0, 1, 80) for step in range(2)]
+            subjects = [s for b in batches for row in b.extras["subjects"]
+                        for s in (row if isinstance(row, tuple) else (row,))]
+            captions = [c for b in batches for c in b.captions + b.extras.get("reference_captions", [])]
+            out[f"WorldSource({mode!r}, hard_negatives={groups})"] = (subjects, captions)
+    return out
+
+
+def _assert_no_heldout_names(sources: dict[str, tuple[list, list[str]]]) -> None:
     held = heldout_subjects()
     held_names = {s.words for s in held}
-    for name, (subjects, captions) in _pretraining_subjects().items():
-        assert len(subjects) >= 300, name
+    for name, (subjects, captions) in sources.items():
+        assert len(subjects) >= 160, name
         assert not {s.words for s in subjects} & held_names, f"{name} draws a held-out subject"
         for text in captions:
             # a held-out name right after its article would be the held-out subject (base names such as "dotted
@@ -306,3 +330,11 @@ def test_the_two_subject_judge_reads_world_pair_renders_right():
     assert right_pairs["both shapes + colours"] >= 0.8 and right_pairs["scene"] >= 0.9
     wrong = script.score(ev, images, pairs[1:] + pairs[:1])
     assert wrong["both shapes"] <= 0.1
+
+
+def test_heldout_subjects_stay_out_of_every_pretraining_source():
+    _assert_no_heldout_names(_pretraining_subjects())
+
+
+def test_heldout_subjects_stay_out_of_the_pretraining_engines_world_source(host):
+    _assert_no_heldout_names(_world_source_subjects(host))
