@@ -107,7 +107,9 @@ class WorldSource:
             if group_scene is not None:
                 scenes = [group_scene, next(k for k in scenes if k != group_scene)]
             seeds = torch.randint(2**62, (2,), generator=g).tolist()
-            other = draw_subject(g) if self.mode == "pairs" else None
+            other = None
+            while self.mode == "pairs" and (other is None or other.words == subject.words):
+                other = draw_subject(g)  # two different caption names, as world.training_pairs draws them
             draws.append((subject, [world.SCENES[k] for k in scenes], seeds, other))
         if self.mode == "pairs":
             return self._pairs(draws)
