@@ -297,6 +297,9 @@ def pretrain(task: PretrainTask, source, config: PretrainConfig, out_dir=None, *
     elif out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG_NAME).unlink(missing_ok=True)
+    if out is not None and rank == 0:  # temporary files of writes a kill interrupted (a checkpoint's can be large)
+        for stale in [*out.glob(f".{CHECKPOINT_NAME}.*.tmp"), *out.glob(f".{CURVE_NAME}.*.png")]:
+            stale.unlink(missing_ok=True)
     wrapped = distributed.wrap(module)
 
     def checkpoint(step: int) -> None:

@@ -236,8 +236,8 @@ def _killed_child(host_path, out_dir, kill_at_save: int) -> None:
 
 def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(engine, world_source, host, tmp_path):
     """A subprocess is SIGKILLed half-way through writing its 4th checkpoint: checkpoint.pt is still the whole 3rd
-    one (the half-written temporary file never replaced it), the log's line of step 4 is dropped on resume, and the
-    resumed run ends bit for bit where a straight run ends."""
+    one (the half-written temporary file never replaced it, and the resume deletes it), the log's line of step 4 is
+    dropped on resume, and the resumed run ends bit for bit where a straight run ends."""
     out = tmp_path / "killed"
     script = _KILL_CHILD.format(tests=str(REPO / "tests"), pythonpath=str(REPO / ".pythonpath"),
                                 host=str(host.path), out=str(out), kill_at_save=4)
@@ -253,6 +253,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(engine, world_s
     resumed = engine.pretrain(TinyTask(), world_source, _config(engine), out, progress=False)
     straight = engine.pretrain(TinyTask(), world_source, _config(engine), tmp_path / "straight", progress=False)
     assert resumed.resumed_from == 3
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the interrupted write's file is cleaned up
     _assert_state_equal(_params(resumed.module), _params(straight.module))
     assert resumed.losses == straight.losses[3:]
     assert _log(out) == _log(tmp_path / "straight")
