@@ -177,11 +177,24 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _log_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each whole line of ``log.jsonl``; a line a kill cut short (not JSON) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append((line, row))
+    return rows
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop the log lines of steps after the checkpoint (they are about to be run again)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [line for line, row in _log_rows(path) if row.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -193,7 +206,7 @@ def draw_loss_curve(log_path: Path, out: Path, size: tuple[int, int] = (640, 360
     from PIL import Image, ImageDraw
     if not log_path.is_file():
         return None
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    rows = [row for _, row in _log_rows(log_path)]
     pts = [(r["step"], r["loss"]) for r in rows if "loss" in r and r["loss"] > 0 and math.isfinite(r["loss"])]
     if len(pts) < 2:
         return None
@@ -255,6 +268,9 @@ def pretrain(task: PretrainTask, source, config: PretrainConfig, out_dir=None, *
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT_NAME if out else None
 
+    # torch's global RNG (dropout, and any build that does not seed itself) starts from the seed, so a fresh run does
+    # not depend on what ran before in the process; a resume then restores the checkpoint's state.
+    torch.manual_seed(config.seed + 1_000_003 * rank)
     module = task.build(device)
     if config.gradient_checkpointing and hasattr(task, "enable_gradient_checkpointing"):
         task.enable_gradient_checkpointing(module)
@@ -281,6 +297,9 @@ def pretrain(task: PretrainTask, source, config: PretrainConfig, out_dir=None, *
     elif out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG_NAME).unlink(missing_ok=True)
+    if out is not None and rank == 0:  # temporary files of writes a kill interrupted (a checkpoint's can be large)
+        for stale in [*out.glob(f".{CHECKPOINT_NAME}.*.tmp"), *out.glob(f".{CURVE_NAME}.*.png")]:
+            stale.unlink(missing_ok=True)
     wrapped = distributed.wrap(module)
 
     def checkpoint(step: int) -> None:
@@ -324,10 +343,14 @@ def pretrain(task: PretrainTask, source, config: PretrainConfig, out_dir=None, *
             gen = step_generator(config.seed, step, rank)
             with _autocast(config, device):
                 loss, info = task.loss(wrapped, batch, gen)
-            if not torch.isfinite(loss):
-                raise PersonalizeError(f"{task.name}: the loss is {float(loss)} at step {step}. Lower the learning "
-                                       f"rate (now {config.lr:g}), or use precision=fp32; the last checkpoint is "
-                                       "kept, so the run can resume from it with other settings in a new folder.")
+            # mean over the ranks before the backward pass, so that a non-finite loss on any rank stops every rank
+            # here (none is left waiting in DDP's gradient all-reduce)
+            value = distributed.mean_across_ranks(float(loss.detach()))
+            if not math.isfinite(value):
+                raise PersonalizeError(f"{task.name}: the loss is {value} at step {step + 1}. Lower the learning rate "
+                                       f"(now {config.lr:g}) or use precision=fp32, and start again in another output "
+                                       "folder (a checkpoint resumes only with the settings that wrote it; the last "
+                                       f"one{f' in {out}' if out is not None else ''} is kept).")
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip:
@@ -336,7 +359,6 @@ def pretrain(task: PretrainTask, source, config: PretrainConfig, out_dir=None, *
             scaler.step(optimiser)
             scaler.update()
             schedule.step()
-            value = distributed.mean_across_ranks(float(loss.detach()))
             losses.append(value)
             done = step + 1
             if bar is not None:

@@ -18,9 +18,10 @@ Folder layout::
       alice/01_mask.png         optional: the subject's mask (white = subject), same size as the image
       ...
 
-Images are resized (bilinear, antialiased; masks and boxes alike) to ``size`` × ``size``; images whose subject has
-other lines in the manifest get one of those as their ``references`` (another view of the same subject, as encoders
-that learn from one view and are scored on another need), else themselves.
+A line without ``"subject"`` is a subject of its own. Images are resized (bilinear, antialiased; masks and boxes
+alike) to ``size`` × ``size``; images whose subject has other lines in the manifest get one of those as their
+``references`` (another view of the same subject, as encoders that learn from one view and are scored on another
+need), else themselves. A batch has ``masks`` only when every image in it (and every reference) has one.
 """
 from __future__ import annotations
 
@@ -103,14 +104,20 @@ class FolderSource:
             if not image.is_file():
                 raise PersonalizeError(f"{manifest}, line {n}: {image} does not exist.")
             mask = image.with_name(image.stem + "_mask.png")
-            boxes = tuple(tuple(float(v) for v in b) for b in row.get("boxes", []))
+            try:
+                boxes = tuple(tuple(float(v) for v in b) for b in row.get("boxes") or [])
+            except (ValueError, TypeError):
+                boxes = ((),)
             if any(len(b) != 4 for b in boxes):
-                raise PersonalizeError(f"{manifest}, line {n}: boxes are [x0, y0, x1, y1] lists.")
+                raise PersonalizeError(f"{manifest}, line {n}: boxes are [x0, y0, x1, y1] lists of numbers (pixels), "
+                                       f"not {row.get('boxes')!r}.")
+            # without a "subject", each line is its own subject (its path: names repeat across folders)
             entries.append(_Entry(image, mask if mask.is_file() else None, caption,
-                                  str(row.get("subject", image.stem)), boxes))
+                                  str(row.get("subject", row["image"])), boxes))
         if not entries:
             raise PersonalizeError(f"{manifest} lists no images.")
         self.entries = tuple(entries)
+        self._orders: dict[int, list[int]] = {}
         self.by_subject: dict[str, list[int]] = {}
         for i, e in enumerate(self.entries):
             self.by_subject.setdefault(e.subject, []).append(i)
@@ -121,9 +128,11 @@ class FolderSource:
         return len(self.entries)
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.entries)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        if self._orders.get(epoch) is None:  # a shuffle of the whole folder, once per epoch (not once per image)
+            order = list(range(len(self.entries)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
 
     def _read(self, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(image [S, S, 3], mask [S, S] or None, boxes [n, 4]) resized to the source's size."""
@@ -138,12 +147,18 @@ class FolderSource:
             raise PersonalizeError(f"{entry.image} cannot be read as an image ({e}).") from e
         mask = None
         if entry.mask is not None:
-            with Image.open(entry.mask) as m:
-                if m.size != (w, h):
-                    raise PersonalizeError(f"{entry.mask} is {m.size[0]}x{m.size[1]} but its image is {w}x{h}; a "
-                                           "mask must have its image's size.")
-                mask = torch.from_numpy(np.asarray(m.convert("L").resize((self.size, self.size), Image.BILINEAR),
-                                                   dtype=np.float32) / 255.0)
+            try:
+                with Image.open(entry.mask) as m:
+                    m.load()
+                    size = m.size
+                    mask = m.convert("L").resize((self.size, self.size), Image.BILINEAR)
+            except OSError as e:
+                raise PersonalizeError(f"{entry.mask} cannot be read as an image ({e}). Fix or delete the mask "
+                                       "(masks are optional).") from e
+            if size != (w, h):
+                raise PersonalizeError(f"{entry.mask} is {size[0]}x{size[1]} but its image is {w}x{h}; a mask must "
+                                       "have its image's size.")
+            mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
         scale = torch.tensor([self.size / w, self.size / h, self.size / w, self.size / h])
         boxes = torch.tensor(entry.boxes, dtype=torch.float32).view(-1, 4) * scale
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0), mask, boxes
