@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 from . import registry, stats, world
 
@@ -160,6 +161,35 @@ def to_json(rows, cfg_dict: dict, subjects: list[str], header: dict, protocol: s
         "paired": [{"metric": m, "row": a, "baseline": b, **vars(d)}
                    for m in metrics for (a, b), d in paired(rows, m).items()],
     }
+
+
+def rows_from_json(payload: dict) -> list:
+    """The rows of a :func:`to_json` payload (name, title, means and per-subject scores: what the tables and
+    :func:`protocol_gap` read)."""
+    keys = ("method", "title", *METRICS, "tune_seconds", "bytes_per_subject", "images", "per_subject")
+    return [SimpleNamespace(**{k: r.get(k) for k in keys}) for r in payload["rows"]]
+
+
+#: config fields two runs may differ in and still pair row by row (what the method saw; which rows ran)
+PAIRABLE = ("seen_views", "methods")
+
+
+def unpaired(payload: dict, cfg_dict: dict, subjects: list[str], header: dict) -> list[str]:
+    """Why the multi-image run ``payload`` (a :func:`to_json` dict) cannot pair with a run of ``cfg_dict`` on
+    ``subjects`` under ``header`` (weights, thread count), or ``[]``: they must share every config field but
+    :data:`PAIRABLE`, the subjects in order, the weights and the threads, and the payload must be multi-image."""
+    why = []
+    if payload.get("protocol", "multi") != "multi":
+        why.append(f"it is a {payload['protocol']}-image run, not a multi-image one")
+    theirs = payload.get("config", {})
+    why += [f"{k} {theirs.get(k)!r} against {v!r}" for k, v in cfg_dict.items()
+            if k not in PAIRABLE and theirs.get(k) != v]
+    if payload.get("subjects") != subjects:
+        why.append(f"subjects {payload.get('subjects')} against {subjects}")
+    for k in ("weights_sha256", "threads"):
+        if payload.get("header", {}).get(k) != header.get(k):
+            why.append(f"{k} {payload.get('header', {}).get(k)!r} against {header.get(k)!r}")
+    return why
 
 
 def atomic_write(path: Path, data: bytes) -> None:

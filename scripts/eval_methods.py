@@ -13,6 +13,8 @@ setting of ProFusion, HyperDreamBooth, the tuning encoder and Subject-Diffusion)
 both is scored against all --views views. The one-image table adds each metric's interval, the seconds to personalise
 a subject (encode + any tuning) and whether the method tuned at test time; with both protocols the bounds' rows are
 run once (they see no reference) and a last table pairs each method's one-image row with its multi-image row.
+`--protocol one --pair-with MULTI.json` pairs with an earlier multi-image run's --json instead (same config, subjects,
+weights and threads; refused otherwise), and says whether the bounds' rows reproduced that run's.
 
 --quick is the short version CI runs (the tuning half's first 2 subjects, 1 draw, 1 seed, the gated rows). Sweeps
 (--set, --methods) belong on the tuning half (--half tuning); on the reporting half they are refused unless
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -74,6 +77,9 @@ def main(argv=None) -> int:
                    help="multi: each method personalises from all --views reference views of a draw; one: from "
                         "view 0 only (the one-image protocol); both (default): the two tables. Every row is scored "
                         "against all --views views")
+    p.add_argument("--pair-with", default="", metavar="JSON",
+                   help="with --protocol one: an earlier multi-image run's --json to pair each method's one-image "
+                        "row with (same config, subjects, weights and threads)")
     p.add_argument("--views", type=int, default=None,
                    help="reference views per draw, the set every row is scored against (default 4)")
     p.add_argument("--seeds", type=int, default=None, help="sampling seeds per (subject, draw, prompt) (default 2)")
@@ -116,15 +122,25 @@ def main(argv=None) -> int:
     protocols = ("multi", "one") if args.protocol == "both" else (args.protocol,)
     if len(protocols) == 2 and cfg.views == 1:
         p.error("--views 1 makes the multi-image and one-image protocols the same run; pass --protocol one")
+    if args.pair_with and protocols != ("one",):
+        p.error("--pair-with pairs a one-image run with an earlier multi-image run: pass --protocol one")
     why = refusal(cfg.half, bool(args.set or args.methods), args.allow_reporting_half)
     if why:
         p.error(why)
 
     ckpt = Path(args.ckpt or mf.shipped_checkpoint())
+    weights_sha256 = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    subjects = [k.subject.name for k in bench.pick_subjects(cfg.subjects, cfg.half)]
+    earlier = None
+    if args.pair_with:
+        earlier = json.loads(Path(args.pair_with).read_text())
+        why = report.unpaired(earlier, dataclasses.asdict(cfg), subjects,
+                              {"weights_sha256": weights_sha256, "threads": args.threads})
+        if why:
+            p.error(f"--pair-with {args.pair_with}: not the same run to pair with: {'; '.join(why)}")
     model, clip, vae = mf.load_checkpoint(ckpt, embedding_directory=str(h.models_dir / "embeddings"))
     evaluator = ev_mod.load_evaluator()
     draws = bench.pick_draws(cfg)  # both protocols: the same draws of cfg.views views (one-image: view 0 seen)
-    subjects = [k.subject.name for k in draws[0]]
     t0 = time.perf_counter()
     results, bounds = {}, None  # protocol -> (config, rows, seconds)
     for protocol in protocols:
@@ -141,7 +157,7 @@ def main(argv=None) -> int:
         log.info("%s-image protocol: %.0f s", protocol, results[protocol][2])
     seconds = time.perf_counter() - t0
     header = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "checkpoint": ckpt.name,
-              "weights_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+              "weights_sha256": weights_sha256,
               "host": f"ComfyUI {h.version} ({h.path})",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
               "command": "scripts/eval_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)}
@@ -176,6 +192,16 @@ def main(argv=None) -> int:
                       f"named, not failed): {names}")
     if len(results) == 2:
         print("\n" + report.format_protocol_gap(results["multi"][1], results["one"][1]))
+    if earlier is not None:
+        multi, one = report.rows_from_json(earlier), results["one"][1]
+        print("\n" + report.format_protocol_gap(multi, one).replace(
+            "One image against all views", f"One image against all views (all views: {args.pair_with})", 1))
+        theirs = {r.method: r.per_subject for r in multi}
+        bounds = [r for r in one if not registry.get(r.method).personalises]
+        same = [r.title for r in bounds if r.per_subject == theirs.get(r.method)]
+        other = [r.title for r in bounds if r.per_subject != theirs.get(r.method)]
+        print(f"\nBounds' rows equal to that run's, score for score: {', '.join(same) or 'none'}"
+              + (f"; different: {', '.join(other)}" if other else ""))
     return status
 
 

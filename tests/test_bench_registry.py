@@ -195,3 +195,26 @@ def test_one_image_json_and_file_names(tmp_path):
     assert beside("out/e.json", "multi", 2) == Path("out/e.json")
     assert beside("out/e.json", "one", 2) == Path("out/e_one_image.json")
     assert beside("out/e.json", "one", 1) == Path("out/e.json") and beside("", "one", 2) is None
+
+
+def test_a_one_image_run_pairs_with_an_earlier_multi_image_json_only_when_comparable():
+    """`--protocol one --pair-with MULTI.json`: the earlier run's rows come back from its JSON and pair as the
+    multi-image rows of the same run would; a run that differs in anything but what the method saw is refused."""
+    multi = [_full_row("base-class", [0.1, 0.2]), _full_row("ti", [0.5, 0.7], seconds=40.0)]
+    cfg = {"half": "reporting", "subjects": 2, "draws": 2, "views": 4, "seeds": 2, "ti_steps": 300,
+           "seen_views": None, "methods": None}
+    header = {"weights_sha256": "abc", "threads": 1}
+    payload = json.loads(json.dumps(report.to_json(multi, cfg, ["a", "b"], header)))
+    back = report.rows_from_json(payload)
+    assert [(r.method, r.per_subject) for r in back] == [(r.method, r.per_subject) for r in multi]
+    one = [_full_row("ti", [0.5, 0.7], seconds=30.0, shift=-0.2)]
+    assert report.format_protocol_gap(back, one) == report.format_protocol_gap(multi, one)
+    mine = {**cfg, "seen_views": 1, "methods": ["ti"]}
+    assert report.unpaired(payload, mine, ["a", "b"], header) == []
+    del payload["protocol"]  # written before the protocols existed: a multi-image run
+    assert report.unpaired(payload, mine, ["a", "b"], header) == []
+    assert report.unpaired(payload, {**mine, "ti_steps": 100}, ["a", "b"], header) == ["ti_steps 300 against 100"]
+    assert "subjects" in report.unpaired(payload, mine, ["b", "a"], header)[0]
+    assert report.unpaired(payload, mine, ["a", "b"], {**header, "threads": 2}) == ["threads 1 against 2"]
+    payload["protocol"] = "one"
+    assert "not a multi-image one" in report.unpaired(payload, mine, ["a", "b"], header)[0]
