@@ -346,3 +346,12 @@ def quick_config(cfg: BenchConfig | None = None) -> BenchConfig:
     """The short version CI runs: the first 2 subjects of the tuning half, one draw, 1 seed, the gated rows
     (Textual Inversion, DreamBooth-LoRA, HiFi Tuner)."""
     return replace(cfg or BenchConfig(), half="tuning", subjects=2, draws=1, seeds=1, methods=registry.keys(gated=True))
+
+
+def quick_one_image_config(cfg: BenchConfig | None = None) -> BenchConfig:
+    """CI's one-image run (tests/test_mini_benchmark.py): the one-image protocol on the tuning half's first subject,
+    one draw, one seed, the gated rows at 40 tuning steps each (HiFi: 40 global steps, then 1 per timestep). It checks
+    what the methods see, what every row is scored against and the table's columns; its scores are no result
+    (`scripts/eval_methods.py --quick` runs both protocols at the methods' settings)."""
+    return one_image(replace(quick_config(cfg), subjects=1, ti_steps=40, lora_steps=40, hifi_global_steps=40,
+                             hifi_steps_per_step=1))

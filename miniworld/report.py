@@ -63,8 +63,9 @@ def format_table(rows, cfg, subjects: list[str]) -> str:
 
 def _footer(cfg, subjects: list[str]) -> str:
     seen = getattr(cfg, "seen", cfg.views)
-    saw = (f"; each method personalises from the first {seen} of each draw's {cfg.views} views (view 0 alone: the "
-           f"one-image protocol) and every row is scored against all {cfg.views}" if seen != cfg.views else "")
+    which = "view 0 alone (the one-image protocol)" if seen == 1 else f"its first {seen} views"
+    saw = (f"; each method personalises from {which} of each draw's {cfg.views} and every row is scored against all "
+           f"{cfg.views}" if seen != cfg.views else "")
     return (f"{len(subjects)} held-out subjects ({cfg.half} half: {', '.join(subjects)}) x {cfg.draws} "
             f"reference-view draw(s) of {cfg.views} image(s) x {len(world.SCENES)} scene prompts x {cfg.seeds} "
             f"seed(s) per row{saw}; ddim / ddim_uniform, {cfg.sampler_steps} steps, cfg {cfg.cfg}. Intervals: "

@@ -156,7 +156,8 @@ def test_one_image_table_columns(monkeypatch):
     ci = stats.bootstrap(scores)  # each metric's cell is the row's own bootstrap interval over subjects
     assert body[2][1] == body[2][2] == body[2][3] == str(ci)
     assert body[2][4] == f"{100 * ci.mean:.1f} % [{100 * ci.low:.1f}, {100 * ci.high:.1f}]"
-    assert "the first 1 of each draw's 4 views" in lines[7] and "scored against all 4" in lines[7]
+    assert "from view 0 alone (the one-image protocol) of each draw's 4 and every row is scored against all 4" \
+        in lines[7]
     # the encoder row, not tuned, is a method all the same: it gets paired differences against the baselines
     assert ("encoder", "ti") in report.paired(rows) and not any(a == "real" for a, _ in report.paired(rows))
 

@@ -205,8 +205,8 @@ def test_quick_one_image_evaluation(host, bench, shipped, evaluator):
     import nodes
     report = pack_module(host, "miniworld.report")
     _, (model, clip, vae) = shipped
-    cfg = bench.one_image(bench.replace(bench.quick_config(), subjects=1, ti_steps=40, lora_steps=40,
-                                        hifi_global_steps=40, hifi_steps_per_step=1))
+    cfg = bench.quick_one_image_config()
+    assert (cfg.subjects, cfg.draws, cfg.seeds, cfg.views, cfg.seen, cfg.half) == (1, 1, 1, 4, 1, "tuning")
     recording = Recording(evaluator)
     runner = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, recording, cfg, run_name="ci_one")
     given = []
