@@ -194,8 +194,8 @@ def main(argv=None) -> int:
         print("\n" + report.format_protocol_gap(results["multi"][1], results["one"][1]))
     if earlier is not None:
         multi, one = report.rows_from_json(earlier), results["one"][1]
-        print("\n" + report.format_protocol_gap(multi, one).replace(
-            "One image against all views", f"One image against all views (all views: {args.pair_with})", 1))
+        gap = report.format_protocol_gap(multi, one)
+        print("\n" + gap.replace("views (", f"views (multi-image rows from {args.pair_with}; ", 1))
         theirs = {r.method: r.per_subject for r in multi}
         bounds = [r for r in one if not registry.get(r.method).personalises]
         same = [r.title for r in bounds if r.per_subject == theirs.get(r.method)]
