@@ -118,10 +118,12 @@ MINI_WORLD_ARGS ?=
 MINI_WORLD_DIR ?= .cache/mini_world
 MINI_WORLD_OUT ?= models/mini_world.safetensors
 TRAIN_MINI = COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/train_mini_world.py
-# The mini-world benchmark: every method on held-out subjects (EVAL_ARGS=--quick for the short CI version).
+# The mini-world benchmark: every method on held-out subjects (EVAL_ARGS=--quick for the short CI version), under the
+# multi-image and the one-image protocol (EVAL_PROTOCOL=both|multi|one).
+EVAL_PROTOCOL ?= both
 eval: host
 	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/eval_mini_world.py
-	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/eval_methods.py $(EVAL_ARGS)
+	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/eval_methods.py --protocol $(EVAL_PROTOCOL) $(EVAL_ARGS)
 
 $(MINI_WORLD_DIR)/part1.safetensors: | host
 	mkdir -p $(MINI_WORLD_DIR)

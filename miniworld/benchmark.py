@@ -24,6 +24,13 @@ The rows come from the method registry (miniworld/registry.py; one file per meth
 runs them on the reporting half of the held-out subjects (world.REPORTING_HALF; sweeps belong on world.TUNING_HALF)
 over several reference-view draws (``heldout_set(seed=draw)``), and reports each row's mean with a bootstrap interval
 over subjects and paired differences against the baseline rows (miniworld/stats.py, miniworld/report.py).
+
+**Two protocols.** Multi-image (``seen_views=None``): a method personalises from all ``views`` reference views of a
+draw. One-image (``seen_views=1``, :func:`one_image`; ProFusion, HyperDreamBooth, the tuning encoder and
+Subject-Diffusion personalise from one image): a method sees view 0 of the same draw only. In both, every row is
+scored against **all** ``views`` reference views (:meth:`Benchmark.scoring_references`), so the two tables share
+their references, subjects, prompts and seeds, the bounds' rows are the same in both, and a method's one-image row
+pairs with its multi-image row subject by subject (report.format_protocol_gap).
 """
 from __future__ import annotations
 
@@ -37,11 +44,11 @@ import torch
 from ..methods.hifi_tuner import REG_WEIGHT
 from . import registry, world
 from .evaluators import Evaluator
+from .report import METRICS
 
 log = logging.getLogger("comfyui_personalize")
 
 TOKEN = "sks"
-METRICS = ("subject_fidelity", "image_similarity", "prompt_fidelity", "attributes")
 
 
 @dataclass
@@ -49,7 +56,9 @@ class BenchConfig:
     half: str = "reporting"      # which half of the held-out subjects (world.HALVES)
     subjects: int = 12           # the first n subjects of the half (all 12 by default)
     draws: int = 2               # reference-view draws per subject (heldout_set(seed=0..draws-1)): tuned anew each
-    views: int = world.REFERENCE_VIEWS  # k: reference images a method personalises from (1: the one-image protocol)
+    views: int = world.REFERENCE_VIEWS  # reference views per draw: what every row is scored against
+    seen_views: int | None = None  # the first n views of each draw a method personalises from; None: all ``views``.
+    #                                1: the one-image protocol (one_image()), still scored against all ``views``
     seeds: int = 2               # images per (subject, draw, prompt)
     sampler_steps: int = 20      # ddim / ddim_uniform: hits HiFi's step-wise timesteps exactly
     cfg: float = 5.0
@@ -72,7 +81,32 @@ class BenchConfig:
     seed: int = 0
 
     def method_keys(self) -> tuple[str, ...]:
-        return tuple(self.methods) if self.methods is not None else registry.keys(tuned=True, default=True)
+        return tuple(self.methods) if self.methods is not None else registry.keys(personalises=True, default=True)
+
+    def __post_init__(self) -> None:
+        if self.seen_views is not None and not 1 <= self.seen_views <= self.views:
+            raise ValueError(f"seen_views must be in [1, views={self.views}] (or None: all views), "
+                             f"not {self.seen_views}")
+
+    @property
+    def seen(self) -> int:
+        """How many reference views of each draw a method personalises from (the first ``seen``)."""
+        return self.views if self.seen_views is None else self.seen_views
+
+    @property
+    def protocol(self) -> str:
+        """The protocol's name: ``one`` (a method sees one reference view), ``multi`` (all of a draw's views) or
+        ``k of n``."""
+        seen = self.seen
+        return "one" if seen == 1 else "multi" if seen == self.views else f"{seen} of {self.views}"
+
+
+def one_image(cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` under the one-image protocol: each method sees view 0 of each draw and is scored against all
+    ``cfg.views``. Every other setting (steps, learning rates, batch sizes: the nodes' and the multi-image
+    protocol's) stays: with one image a training node's batch repeats view 0 under independent noise and timesteps
+    (core/diffusion.py, ``DiffusionObjective.sample``)."""
+    return replace(cfg, seen_views=1)
 
 
 @dataclass
@@ -83,11 +117,12 @@ class Row:
     image_similarity: float
     prompt_fidelity: float
     attributes: float
-    tune_seconds: float | None
+    tune_seconds: float | None   # seconds to personalise a subject (encode + any tuning); None: not a method
     bytes_per_subject: int | None
     images: int
     #: metric -> one score per subject (mean over draws, prompts and seeds), in the subjects' order
     per_subject: dict[str, list[float]] = field(default_factory=dict)
+    tuned: bool | None = None    # tuned at test time (registry flag); None: not a method (a bound or baseline)
 
 
 def call(node_map: dict, class_type: str, **inputs):
@@ -113,7 +148,8 @@ def pick_draws(cfg: BenchConfig) -> list[list[world.HeldoutSubject]]:
 
 class Benchmark:
     """Runs the rows. ``node_map`` is ComfyUI's ``nodes.NODE_CLASS_MAPPINGS`` with the pack loaded. The rows'
-    ``personalise(bench, heldout, index)`` functions (miniworld/rows/) use :meth:`call`, :meth:`references`,
+    ``personalise(bench, heldout, index)`` functions (miniworld/rows/) use :meth:`call`, :meth:`references` (the
+    views the protocol lets a method see; scores are always against :meth:`scoring_references`),
     :meth:`artifact_name` / :meth:`artifact`, :meth:`real_images`, ``cfg``, ``model`` / ``clip`` / ``vae`` and
     ``token``."""
 
@@ -129,7 +165,14 @@ class Benchmark:
         return call(self.nodes, class_type, **inputs)
 
     def references(self, heldout: world.HeldoutSubject) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.stack([r.image for r in heldout.references]), torch.stack([r.mask for r in heldout.references]))
+        """(IMAGE, MASK) of the reference views a method personalises from: the first ``cfg.seen`` of the draw
+        (view 0 alone under the one-image protocol)."""
+        return _stack(heldout.references[:self.cfg.seen])
+
+    @staticmethod
+    def scoring_references(heldout: world.HeldoutSubject) -> tuple[torch.Tensor, torch.Tensor]:
+        """(IMAGE, MASK) of every reference view of the draw: what every row is scored against, whatever it saw."""
+        return _stack(heldout.references)
 
     def artifact_name(self, key: str, index: int) -> str:
         return f"{self.run_name}_{key}_{index}"
@@ -162,7 +205,7 @@ class Benchmark:
 
     def score_cell(self, images: torch.Tensor, heldout: world.HeldoutSubject) -> dict[str, torch.Tensor]:
         """Per-image scores of one (subject, draw): metric -> [n] tensor."""
-        refs, _ = self.references(heldout)
+        refs, _ = self.scoring_references(heldout)
         scene_prompts = [p for p in heldout.prompts for _ in range(self.cfg.seeds)]
         out = self.evaluator.classify(images)
         s = heldout.subject
@@ -183,11 +226,12 @@ class Benchmark:
                        for m in METRICS}
         means = {m: sum(v) / n for m, v in per_subject.items()}
         entry = registry.get(method)
-        tuned = entry.tuned and bool(seconds)
+        personal = entry.personalises and bool(seconds)
         return Row(method, entry.title, **means,
-                   tune_seconds=sum(seconds) / len(seconds) if tuned else None,
-                   bytes_per_subject=int(sum(nbytes) / len(nbytes)) if tuned else 0,
-                   images=sum(len(x) for row in images for x in row), per_subject=per_subject)
+                   tune_seconds=sum(seconds) / len(seconds) if personal else None,
+                   bytes_per_subject=int(sum(nbytes) / len(nbytes)) if personal else 0,
+                   images=sum(len(x) for row in images for x in row), per_subject=per_subject,
+                   tuned=entry.tuned if entry.personalises else None)
 
     def run(self, methods: tuple[str, ...] | None = None,
             draws: list[list[world.HeldoutSubject]] | None = None) -> list[Row]:
@@ -195,7 +239,7 @@ class Benchmark:
         every draw."""
         draws = draws or pick_draws(self.cfg)
         if methods is None:
-            methods = (*registry.keys(tuned=False, default=True), *self.cfg.method_keys())
+            methods = (*registry.keys(personalises=False, default=True), *self.cfg.method_keys())
         rows = []
         for method in methods:
             entry = registry.get(method)
@@ -207,7 +251,7 @@ class Benchmark:
                 for i, heldout in enumerate(heldouts):
                     p = self.personalise(method, heldout, i + 100 * d)
                     images[-1].append(self.generate(p))
-                    if entry.tuned:
+                    if entry.personalises:
                         seconds.append(p.seconds)
                         nbytes.append(p.nbytes)
             self.draw = 0
@@ -284,6 +328,10 @@ def restart_captions(node_map: dict, model, clip, latents: torch.Tensor, vae, ca
     return _per_caption(node_map, clip, vae, captions, sample)
 
 
+def _stack(samples) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([r.image for r in samples]), torch.stack([r.mask for r in samples])
+
+
 def _artifact(folder: str, name: str) -> Path:
     """The file a node just wrote into ComfyUI's model folder ``folder`` (``name`` with or without its extension)."""
     import folder_paths
@@ -298,3 +346,12 @@ def quick_config(cfg: BenchConfig | None = None) -> BenchConfig:
     """The short version CI runs: the first 2 subjects of the tuning half, one draw, 1 seed, the gated rows
     (Textual Inversion, DreamBooth-LoRA, HiFi Tuner)."""
     return replace(cfg or BenchConfig(), half="tuning", subjects=2, draws=1, seeds=1, methods=registry.keys(gated=True))
+
+
+def quick_one_image_config(cfg: BenchConfig | None = None) -> BenchConfig:
+    """CI's one-image run (tests/test_mini_benchmark.py): the one-image protocol on the tuning half's first subject,
+    one draw, one seed, the gated rows at 40 tuning steps each (HiFi: 40 global steps, then 1 per timestep). It checks
+    what the methods see, what every row is scored against and the table's columns; its scores are no result
+    (`scripts/eval_methods.py --quick` runs both protocols at the methods' settings)."""
+    return one_image(replace(quick_config(cfg), subjects=1, ti_steps=40, lora_steps=40, hifi_global_steps=40,
+                             hifi_steps_per_step=1))

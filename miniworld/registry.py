@@ -43,7 +43,10 @@ class MethodRow:
     title: str               # the table's row title
     personalise: Callable    # (benchmark, heldout, index) -> Personalised; index: the subject's seed offset
     order: int = 100         # table position (ascending)
-    tuned: bool = True       # trains per subject: tuning seconds and bytes per subject are reported
+    tuned: bool = True       # tunes (weights or embeddings) on the subject at test time: "tuned at test time"
+    personalises: bool = True  # a personalisation method: sees the subject's references, reports its seconds and
+    #                            bytes per subject, gets paired differences (False: the bounds and the words-only
+    #                            baseline). A tuning-free encoder row is ``personalises=True, tuned=False``.
     gated: bool = False      # a method at its defaults: `make eval` and CI fail when it is not above the floor
     floor: bool = False      # the floor the gated rows must beat (base model, class word only)
     baseline: bool = False   # a row methods claim to beat: every tuned row gets a paired difference against it

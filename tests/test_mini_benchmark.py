@@ -3,7 +3,9 @@
 The short evaluation here is the one the issue asks CI to run (`scripts/eval_methods.py --quick`): the tuning half's
 first two held-out subjects, one reference-view draw, one seed per prompt, the registry's gated rows (Textual
 Inversion, DreamBooth-LoRA, HiFi Tuner) through the pack's nodes on the trained model; it fails when a method does not
-beat the base model's subject fidelity with the class word alone.
+beat the base model's subject fidelity with the class word alone. Its one-image version (one subject, short tuning)
+checks that under the one-image protocol each method's nodes see view 0 alone while every row is scored against all
+reference views, and the one-image table's columns.
 """
 import logging
 import shutil
@@ -59,8 +61,17 @@ def test_subjects_come_from_the_halves(bench):
     draws = bench.pick_draws(bench.BenchConfig(subjects=3, draws=2))
     assert [k.subject for k in draws[0]] == [k.subject for k in draws[1]] == [k.subject for k in heldouts[:3]]
     assert not torch.equal(draws[0][0].references[0].image, draws[1][0].references[0].image)  # new views
-    one = bench.pick_draws(bench.BenchConfig(subjects=2, draws=1, views=1))  # the one-image protocol
-    assert [len(k.references) for k in one[0]] == [1, 1]
+    # the one-image protocol: the same draws of 4 views (a method sees view 0; every row is scored against all 4)
+    cfg = bench.BenchConfig(subjects=2, draws=2)
+    one = bench.one_image(cfg)
+    assert (cfg.seen, cfg.protocol, one.seen, one.protocol, one.views) == (4, "multi", 1, "one", 4)
+    for a, b in zip(bench.pick_draws(cfg), bench.pick_draws(one)):
+        for x, y in zip(a, b):
+            assert x.subject == y.subject and len(y.references) == 4
+            assert all(torch.equal(r.image, q.image) for r, q in zip(x.references, y.references))
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="seen_views must be in"):
+            bench.BenchConfig(seen_views=bad)
 
 
 def test_real_images_bound_scores_the_subject_not_the_scene(host, bench, shipped, evaluator):
@@ -120,3 +131,114 @@ def test_quick_evaluation_personalisation_beats_the_base_model(host, bench, ship
         assert row.subject_fidelity > base.subject_fidelity, (row, base)
         assert row.bytes_per_subject > 0 and row.tune_seconds > 0
         assert torch.isfinite(torch.tensor(row.per_subject["subject_fidelity"])).all()
+
+
+class Recording:
+    """The evaluator, recording the references every similarity score is computed against."""
+
+    def __init__(self, evaluator):
+        self.evaluator, self.refs = evaluator, []
+
+    def subject_fidelity(self, images, refs):
+        self.refs.append(refs)
+        return self.evaluator.subject_fidelity(images, refs)
+
+    def image_similarity(self, images, refs):
+        self.refs.append(refs)
+        return self.evaluator.image_similarity(images, refs)
+
+    def __getattr__(self, name):
+        return getattr(self.evaluator, name)
+
+
+@pytest.mark.parametrize("tuned", [True, False])
+def test_one_image_protocol_sees_one_view_and_is_scored_against_all(host, bench, shipped, evaluator, monkeypatch,
+                                                                    tuned):
+    """A fake row (a tuning row, then a tuning-free one) records the references it is handed and returns renders of
+    the subject: under the one-image protocol it gets view 0 of each draw alone, and its scores are the evaluator's
+    against all four views (computed here directly), not against the view it saw."""
+    import nodes
+    registry = pack_module(host, "miniworld.registry")
+    seen = []
+
+    def personalise(runner, heldout, index):
+        seen.append((heldout, *runner.references(heldout)))
+        return registry.Personalised(images=runner.real_images(heldout), seconds=1.5 + index, nbytes=7)
+
+    monkeypatch.setitem(registry._ROWS, "fake", registry.MethodRow("fake", "fake row", personalise, tuned=tuned,
+                                                                    default=False))
+    _, (model, clip, vae) = shipped
+    cfg = bench.one_image(bench.BenchConfig(half="tuning", subjects=2, draws=1, seeds=1))
+    runner = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, evaluator, cfg)
+    draws = bench.pick_draws(cfg)
+    (row,) = runner.run(methods=("fake",), draws=draws)
+    assert [h for h, _, _ in seen] == draws[0]
+    for heldout, images, masks in seen:
+        assert images.shape[0] == masks.shape[0] == 1 and len(heldout.references) == 4
+        assert torch.equal(images[0], heldout.references[0].image) and torch.equal(masks[0], heldout.references[0].mask)
+    apart = 0.0
+    for i, heldout in enumerate(draws[0]):
+        generated = runner.real_images(heldout)
+        all_refs = torch.stack([r.image for r in heldout.references])
+        for metric in ("subject_fidelity", "image_similarity"):
+            score = getattr(evaluator, metric)
+            want = float(score(generated, all_refs).float().mean())
+            assert row.per_subject[metric][i] == pytest.approx(want, abs=1e-6), metric
+            apart = max(apart, abs(want - float(score(generated, all_refs[:1]).float().mean())))
+    assert apart > 1e-3  # scoring against the seen view alone would give other numbers
+    assert row.tune_seconds == pytest.approx(2.0) and row.bytes_per_subject == 7 and row.tuned is tuned
+    # the multi-image protocol hands the same row all four views
+    seen.clear()
+    multi = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, evaluator, bench.replace(cfg, seen_views=None))
+    multi.run(methods=("fake",), draws=draws)
+    assert [images.shape[0] for _, images, _ in seen] == [4, 4]
+
+
+TRAINING_NODES = ("PersonalizeTrainSubjectEmbedding", "PersonalizeTrainSubjectLoRA", "PersonalizeHiFiSubjectTune")
+
+
+def test_quick_one_image_evaluation(host, bench, shipped, evaluator):
+    """CI's one-image `make eval` (one subject, short tuning): Textual Inversion, DreamBooth-LoRA and HiFi Tuner's
+    training nodes get view 0 of the draw alone; every similarity score of every row is against all four views; the
+    table has its columns, each method its seconds to personalise (> 0) and "yes" for tuned at test time, the bounds
+    "-"."""
+    import nodes
+    report = pack_module(host, "miniworld.report")
+    _, (model, clip, vae) = shipped
+    cfg = bench.quick_one_image_config()
+    assert (cfg.subjects, cfg.draws, cfg.seeds, cfg.views, cfg.seen, cfg.half) == (1, 1, 1, 4, 1, "tuning")
+    recording = Recording(evaluator)
+    runner = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, recording, cfg, run_name="ci_one")
+    given = []
+
+    def call(class_type, **inputs):
+        if class_type in TRAINING_NODES:
+            given.append((class_type, inputs["images"], inputs["mask"]))
+        return bench.call(runner.nodes, class_type, **inputs)
+
+    runner.call = call
+    draws = bench.pick_draws(cfg)
+    (heldout,) = draws[0]
+    rows = runner.run(draws=draws)
+    assert [r.method for r in rows] == ["real", "base-class", "base-full", "ti", "lora", "hifi"]
+    assert [c for c, _, _ in given] == list(TRAINING_NODES)
+    view0 = heldout.references[0]
+    for _, images, mask in given:
+        assert images.shape[0] == mask.shape[0] == 1
+        assert torch.equal(images[0], view0.image) and torch.equal(mask[0], view0.mask)
+    all_refs = torch.stack([r.image for r in heldout.references])
+    assert len(recording.refs) == 2 * len(rows) and all(torch.equal(r, all_refs) for r in recording.refs)
+
+    table = report.format_one_image_table(rows, cfg, [heldout.subject.name])
+    log.info("\n%s", table)
+    lines = table.splitlines()
+    assert lines[0] == "| " + " | ".join(report.ONE_IMAGE_COLUMNS) + " |"
+    cells = [[c.strip() for c in line[2:-2].split(" | ")] for line in lines[2:2 + len(rows)]]
+    assert all(len(c) == 7 for c in cells)
+    assert [c[5:] for c in cells[:3]] == [["-", "-"]] * 3
+    for row, c in zip(rows[3:], cells[3:]):
+        assert row.tuned is True and row.tune_seconds > 0 and row.bytes_per_subject > 0 and c[6] == "yes"
+        assert float(c[5]) == pytest.approx(row.tune_seconds, abs=0.05)
+    for row in rows:
+        assert all(torch.isfinite(torch.tensor(v)).all() for v in row.per_subject.values())
+    assert rows[0].subject_fidelity > 0.8 > rows[1].subject_fidelity  # the ceiling is the ceiling
