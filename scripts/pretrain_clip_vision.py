@@ -40,7 +40,7 @@ HARD_ATTRIBUTES = ("shape", "pattern")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "models" / "clip_vision" / "mini_world_clip_vision.safetensors"))
-    p.add_argument("--work-dir", default=str(ROOT / ".cache" / "pretrain" / "mini_clip_vision"),
+    p.add_argument("--work-dir", default=str(ROOT / ".cache" / "mini_world" / "clip_vision"),
                    help="checkpoint, log.jsonl and loss.png (resumed when a checkpoint is there)")
     p.add_argument("--folder", help="pre-train on a folder of images (core/pretrain_data.py layout) instead of the "
                                     "mini world")
