@@ -146,10 +146,11 @@ mini-world: $(MINI_WORLD_DIR)/part3.safetensors $(MINI_WORLD_DIR)/wide_vae.safet
 	  --set seed=3 --set diffusion_steps=5000 $(MINI_WORLD_ARGS) --out $(MINI_WORLD_OUT)
 	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/eval_mini_world.py --ckpt $(MINI_WORLD_OUT) --check
 
-# The family's CLIP vision tower (networks/mini_clip.py) on the pre-training engine (core/pretrain.py): 1500 steps
-# of 128 renders, ~27 min on one core of a 2-core CPU plus ~2 min of measurement. Independent of the parts above.
-# Resumable: the engine checkpoints every 100 steps into $(MINI_WORLD_DIR)/clip_vision and a rerun continues there
-# (CLIP_VISION_ARGS="--stop-after 500" runs it in parts of 500 steps). torchrun works too, see the script.
+# The family's CLIP vision tower (networks/mini_clip.py) on the pre-training engine (core/pretrain.py): 6000 steps
+# of 128 renders, about 105 min on one core of a 2-core CPU (1.05 s a step) plus under a minute of measurement;
+# independent of the parts above. Resumable: the engine checkpoints every 100 steps into $(MINI_WORLD_DIR)/clip_vision
+# and a rerun continues there; CLIP_VISION_ARGS="--stop-after 1500 --export-part" runs a part of 1500 steps and
+# writes the tower as it stands (the shipped file is steps 0-1700, README). torchrun works too, see the script.
 CLIP_VISION_ARGS ?=
 CLIP_VISION_OUT ?= models/clip_vision/mini_world_clip_vision.safetensors
 clip-vision: host
