@@ -103,6 +103,29 @@ def load_safetensors(path: Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def write_file_checksum(path) -> str:
+    """Write ``<file>.sha256`` (``sha256sum`` format) beside a shipped file, atomically; returns the digest."""
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = path.with_name(path.name + ".sha256")
+    tmp = sha.with_name(sha.name + ".tmp")
+    tmp.write_text(f"{digest}  {path.name}\n")
+    os.replace(tmp, sha)
+    return digest
+
+
+def check_file_checksum(path, remake: str) -> None:
+    """Where a ``<file>.sha256`` sits beside ``path`` (the pack's shipped files), refuse a file that does not match
+    it, naming the fix (``remake``: the command that re-creates the pair)."""
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".sha256")
+    if path.is_file() and sidecar.is_file():
+        if hashlib.sha256(path.read_bytes()).hexdigest() != sidecar.read_text().split()[0]:
+            raise PersonalizeError(f"{path.name} does not match its checksum ({sidecar.name}): the file is damaged or "
+                                   f"was replaced. Restore it with `git checkout -- models/`, or re-create both with "
+                                   f"{remake}.")
+
+
 def read_metadata(meta: dict, key: str, default=None):
     raw = meta.get(METADATA_PREFIX + key)
     if raw is None:
@@ -302,4 +325,4 @@ def registered_kinds() -> tuple[ArtifactKind, ...]:
 
 
 __all__ = ["target_path", "check_writable", "save_safetensors", "load_safetensors", "read_metadata", "ArtifactKind",
-           "Artifact", "kind", "tensor_checksum", "wrong_family"]
+           "Artifact", "kind", "tensor_checksum", "wrong_family", "write_file_checksum", "check_file_checksum"]

@@ -246,19 +246,14 @@ def load_checkpoint(path, embedding_directory=None):
     """``(MODEL, CLIP, VAE)`` from a mini-family file (configs checked against this version of the pack)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from .artifacts import check_file_checksum
     from .host import PersonalizeError
     path = Path(path)
     if not path.is_file():
         raise PersonalizeError(f"{path} does not exist. Train the mini family with `make mini-world`, or restore the "
                                "shipped file with `git checkout -- models/`.")
-    sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.is_file():
-        import hashlib
-        want = sidecar.read_text().split()[0]
-        if hashlib.sha256(path.read_bytes()).hexdigest() != want:
-            raise PersonalizeError(f"{path.name} does not match its checksum ({sidecar.name}): the file is damaged "
-                                   "or was replaced. Restore it with `git checkout -- models/`, or re-create both "
-                                   "with `make mini-world`.")
+    check_file_checksum(path, "`make mini-world`")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -284,21 +279,14 @@ def load_checkpoint(path, embedding_directory=None):
 def save_checkpoint(path, model, clip, vae, token_ids: torch.Tensor, scale_factor: float,
                     extra: dict | None = None) -> str:
     """Write the file atomically (temporary file, then rename) and its ``.sha256`` beside it; returns the digest."""
-    import hashlib
-
     from safetensors.torch import save_file
 
-    from .artifacts import give_plain_mode
+    from .artifacts import give_plain_mode, write_file_checksum
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state_dict_for_file(model, clip, vae, token_ids), str(tmp), metadata=file_metadata(scale_factor, extra,
                                                                                getattr(vae, "mini_vae_config", None)))
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     give_plain_mode(tmp)
     os.replace(tmp, path)
-    sha = path.with_name(path.name + ".sha256")
-    sha_tmp = sha.with_name(sha.name + ".tmp")
-    sha_tmp.write_text(f"{digest}  {path.name}\n")
-    os.replace(sha_tmp, sha)
-    return digest
+    return write_file_checksum(path)

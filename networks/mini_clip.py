@@ -179,33 +179,22 @@ def vision_state_dict(model: ContrastiveCLIP | torch.nn.Module) -> dict:
 def save_vision(model, path, *, metadata: dict | None = None, overwrite: bool = True) -> Path:
     """Write the vision tower as a mini CLIP vision file (fp16, widths = its config, tensor checksum) and a
     ``.sha256`` of the file beside it, like the family's checkpoint."""
-    import hashlib
     tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in vision_state_dict(model).items()}
     config = model.vision_config if isinstance(model, ContrastiveCLIP) else VISION_CONFIG
     path = CLIP_VISION_FILE.save(tensors, path, family=None, widths=config, metadata=metadata or {},
                                  overwrite=overwrite)
-    sha = path.with_name(path.name + ".sha256")
-    tmp = sha.with_name(sha.name + ".tmp")
-    tmp.write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
-    os.replace(tmp, sha)
+    artifacts.write_file_checksum(path)
     return path
 
 
 def load_clip_vision(name_or_path):
     """A ComfyUI ``ClipVisionModel`` (the CLIP_VISION object) from a mini CLIP vision file: the kind's checks
     (kind, format, tensor checksum) and, where a ``.sha256`` sits beside it, the file's checksum."""
-    import hashlib
-
     import comfy.clip_vision
 
     from ..core.host import PersonalizeError
     path = CLIP_VISION_FILE.resolve(name_or_path)
-    sidecar = path.with_name(path.name + ".sha256")
-    if path.is_file() and sidecar.is_file():
-        if hashlib.sha256(path.read_bytes()).hexdigest() != sidecar.read_text().split()[0]:
-            raise PersonalizeError(f"{path.name} does not match its checksum ({sidecar.name}): the file is damaged or "
-                                   "was replaced. Restore it with `git checkout -- models/`, or re-create both with "
-                                   "`make mini-world`.")
+    artifacts.check_file_checksum(path, "`make clip-vision` (a part of `make mini-world`)")
     art = CLIP_VISION_FILE.load(path)
     config = dict(art.widths)
     if config.get("model_type") != "clip_vision_model" or "hidden_size" not in config:
