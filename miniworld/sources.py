@@ -13,8 +13,6 @@ Modes:
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..core.pretrain_data import SubjectBatch, global_indices
@@ -23,18 +21,9 @@ from . import world
 MODES = ("single", "views", "pairs")
 
 
-@functools.cache
-def _names() -> tuple[tuple[world.Subject, ...], ...]:
-    """Base subjects grouped by caption name (shape, colour, pattern), in base-subject order."""
-    groups: dict[tuple, list[world.Subject]] = {}
-    for s in world.base_subjects():
-        groups.setdefault(s.words, []).append(s)
-    return tuple(tuple(g) for g in groups.values())
-
-
 def draw_subject(gen: torch.Generator) -> world.Subject:
     """A base subject: caption name uniform over the base names, then its pattern colour uniform."""
-    names = _names()
+    names = world._base_by_name()  # base subjects grouped by caption name
     group = names[int(torch.randint(len(names), (1,), generator=gen))]
     return group[int(torch.randint(len(group), (1,), generator=gen))]
 
