@@ -150,7 +150,7 @@ mini-world: $(MINI_WORLD_DIR)/part3.safetensors $(MINI_WORLD_DIR)/wide_vae.safet
 # of 128 renders, about 105 min on one core of a 2-core CPU (1.05 s a step) plus under a minute of measurement;
 # independent of the parts above. Resumable: the engine checkpoints every 100 steps into $(MINI_WORLD_DIR)/clip_vision
 # and a rerun continues there; CLIP_VISION_ARGS="--stop-after 1500 --export-part" runs a part of 1500 steps and
-# writes the tower as it stands (the shipped file is steps 0-3200, README). torchrun works too, see the script.
+# writes the tower as it stands (the shipped file is steps 0-4700, README). torchrun works too, see the script.
 CLIP_VISION_ARGS ?=
 CLIP_VISION_OUT ?= models/clip_vision/mini_world_clip_vision.safetensors
 clip-vision: host
