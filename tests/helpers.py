@@ -113,3 +113,11 @@ def assert_saved_images(result) -> None:
     assert images, "the workflow saved no image"
     for p in images:
         assert p.exists() and p.stat().st_size > 0
+
+
+def free_port() -> int:
+    """A free local TCP port for a gloo process group's rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from comfyui_personalize.miniworld.evaluators import (  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_evaluators  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 TINY = train_evaluators.TrainConfig(
     steps=30, batch_size=16, pool_pairs=16, lr=3e-3, warmup_steps=5,
@@ -227,14 +227,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_ranks_keep_identical_parameters(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.equal(r0["params"], r1["params"])
     assert r0["losses"] != r1["losses"]  # each rank trained on its own samples

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import pack_module
+from helpers import free_port, pack_module
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -374,12 +373,6 @@ def _ddp_worker(rank: int, world: int, port: int, host_path: str, out_dir: str) 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes(engine, world_source, host, tmp_path):
     """Two CPU ranks (gloo), 4 steps at global batch 8:
 
@@ -391,7 +384,7 @@ def test_two_gloo_processes(engine, world_source, host, tmp_path):
       (another summation order). The noisy task is not compared with one process: the step generator is per rank,
       so its noise differs by design."""
     import torch.multiprocessing as mp
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(host.path), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(host.path), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     for key in ("straight", "resumed", "plain"):
         _assert_state_equal(r0[key], r1[key])
