@@ -213,6 +213,7 @@ def _killed_child(host_path, out_dir, kill_at_save: int) -> None:
     ``kill_at_save``-th checkpoint (half of its bytes on disk: the worst moment for a kill)."""
     engine, sources = _engine_without_boot(host_path)
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # as the parent's comparison runs: oneDNN picks kernels by the CPUs it sees
     saves = []
     real_save = torch.save
 
@@ -249,8 +250,15 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(engine, world_s
     assert payload["step"] == 3
     assert max(row["step"] for row in _log(out)) == 4  # logged before the interrupted checkpoint
 
-    resumed = engine.pretrain(TinyTask(), world_source, _config(engine), out, progress=False)
-    straight = engine.pretrain(TinyTask(), world_source, _config(engine), tmp_path / "straight", progress=False)
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)  # the killed child's arithmetic: one thread, no oneDNN (bit for bit across processes)
+    torch.backends.mkldnn.enabled = False
+    try:
+        resumed = engine.pretrain(TinyTask(), world_source, _config(engine), out, progress=False)
+        straight = engine.pretrain(TinyTask(), world_source, _config(engine), tmp_path / "straight", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = mkldnn
     assert resumed.resumed_from == 3
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the interrupted write's file is cleaned up
     _assert_state_equal(_params(resumed.module), _params(straight.module))
