@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..core import host
 from ..core.host import PersonalizeError
@@ -439,3 +440,239 @@ def fusion_sampler(conditions: FusionConditions, settings: FusionSettings | None
     settings = (settings or FusionSettings()).check()
     conditions.check()
     return sampler_from_function(sample_fusion, conditions=conditions, settings=settings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PromptNet's word S* in the prompt (§5.3, §5.4) and the condition provider that runs PromptNet inside sampling.
+
+PLACEHOLDER = "holder"  # the official placeholder word (one CLIP BPE token)
+
+
+class PlaceholderPrompt:
+    """A prompt whose placeholder word is replaced by PromptNet's word S* (§5.4, the official pipeline): the whole
+    input vector at the placeholder's position becomes S*, so S* gets **no** position embedding. ComfyUI adds the
+    position table P to every input vector, including an embedding given in the tokens, so the vector put there is
+    ``S* − P[pos]`` and the encoder sees exactly S*.
+
+    The prompt is tokenised once; :meth:`encode` encodes it for a batch of words through the CLIP's own
+    ``encode_from_tokens`` (its layer choice and final norm: SD2's penultimate layer, …): the B prompts are given as
+    B chunks of one prompt, which the host encodes as one batch and returns side by side ([1, B·L, d] → [B, L, d]).
+    Differentiable in the words (pre-training and tuning backpropagate through it)."""
+
+    def __init__(self, clip, text: str, placeholder: str = PLACEHOLDER, node: str = NODE):
+        from ..core.textual import encoder_keys, word_token_ids
+        self.clip, self.text, self.placeholder = clip, text, placeholder.strip()
+        keys = encoder_keys(clip)
+        if len(keys) != 1:
+            raise PersonalizeError(f"{node}: this CLIP has {len(keys)} text encoders ({', '.join(keys)}: SDXL); "
+                                   "PromptNet supports one-encoder models (SD1.x, SD2.x, the mini family).")
+        self.key = keys[0]
+        ids = word_token_ids(clip, self.placeholder)[self.key] if self.placeholder else []
+        if len(ids) != 1:
+            raise PersonalizeError(f"{node}: the placeholder '{placeholder}' must be one token of the tokenizer (it is "
+                                   f"{len(ids)}); use the official '{PLACEHOLDER}'.")
+        tokens = clip.tokenize(text)
+        chunks = tokens[self.key]
+        if len(chunks) != 1:
+            raise PersonalizeError(f"{node}: the prompt is {len(chunks)} chunks of 77 tokens; a prompt with PromptNet's "
+                                   "word must fit in one (about 75 tokens). Shorten it.")
+        hits = [i for i, item in enumerate(chunks[0]) if isinstance(item[0], int) and item[0] == ids[0]]
+        if not hits:
+            raise PersonalizeError(f"{node}: the prompt '{text}' does not contain the placeholder '{placeholder}'. "
+                                   f"Write it where the subject goes, e.g. 'a photo of {self.placeholder} on the "
+                                   "beach'.")
+        if len(hits) > 1:
+            raise PersonalizeError(f"{node}: the placeholder '{placeholder}' occurs {len(hits)} times in the prompt; "
+                                   "write it once.")
+        self.tokens, self.position = tokens, hits[0]
+        self.width = int(self.positions().shape[-1])
+
+    def positions(self) -> torch.Tensor:
+        """The text encoder's position-embedding table P [L, d]."""
+        enc = getattr(self.clip.cond_stage_model, f"clip_{self.key}")
+        return enc.transformer.text_model.embeddings.position_embedding.weight
+
+    @property
+    def rows(self) -> list[int]:
+        """Rows of the encoded prompt that hold S* (for γ)."""
+        return [self.position]
+
+    def encode(self, words: torch.Tensor) -> torch.Tensor:
+        """The prompt encoded with ``words`` [B, d] (or [B, 1, d]) at the placeholder → [B, L, d]."""
+        words = words.reshape(words.shape[0], -1)
+        if words.shape[-1] != self.width:
+            raise PersonalizeError(f"{NODE}: PromptNet's word has width {words.shape[-1]} but this CLIP's text encoder "
+                                   f"{self.width}. Use the CLIP of the checkpoint the PromptNet was made for.")
+        p = self.positions()[self.position].detach().to(device=words.device, dtype=torch.float32)
+        chunk = self.tokens[self.key][0]
+        batch = []
+        for b in range(words.shape[0]):
+            vec = words[b].float() - p
+            batch.append([(vec,) + tuple(item[1:]) if i == self.position else item for i, item in enumerate(chunk)])
+        tokens = dict(self.tokens)
+        tokens[self.key] = batch
+        out = self.clip.encode_from_tokens(tokens)
+        return out.reshape(words.shape[0], -1, out.shape[-1])
+
+
+@dataclass
+class Reference:
+    """PromptNet Encode's output (PROFUSION_REFERENCE): what does not depend on the noisy latent - the reference
+    latent (LATENT space, ``[1, C, h, w]`` at PromptNet's size) and the CLIP vision tokens (``last_hidden_state``
+    [1, N, w], the official ``ref_image_embed``) - and the settings it was encoded for."""
+    latent: torch.Tensor
+    vision_tokens: torch.Tensor
+    latent_size: int
+    vision_width: int
+    image: torch.Tensor | None = None
+
+    def check(self, promptnet, node: str = NODE) -> None:
+        if self.vision_width != promptnet.vision_width or self.latent_size != promptnet.latent_size:
+            raise PersonalizeError(f"{node}: this reference was encoded for another PromptNet (CLIP vision width "
+                                   f"{self.vision_width}, {self.latent_size}² latents) than {promptnet.describe()}. "
+                                   "Encode it with the PromptNet you sample with.")
+
+
+def encode_reference(image: torch.Tensor, promptnet, vae, clip_vision, mask: torch.Tensor | None = None,
+                     node: str = "PromptNet Encode") -> Reference:
+    """One reference image (IMAGE [1, H, W, 3]; optional MASK [1, H, W] multiplies it, the official keep-mask) →
+    :class:`Reference`: the image centre-cropped and resized to PromptNet's size (``latent_size`` × the VAE's
+    downscale) and VAE-encoded; CLIP vision tokens from the CLIP_VISION's own ``encode_image`` (its crop, resize and
+    normalisation), ``last_hidden_state`` as the official pipeline."""
+    if clip_vision is None:
+        raise PersonalizeError(f"{node}: connect a CLIP_VISION (Load CLIP Vision: ViT-H/14 for the official SD2 "
+                               "PromptNet; Load Mini CLIP Vision for the mini world).")
+    if image.dim() != 4 or image.shape[-1] != 3:
+        raise PersonalizeError(f"{node}: the reference must be an IMAGE [1, H, W, 3]; got {tuple(image.shape)}.")
+    if image.shape[0] != 1:
+        raise PersonalizeError(f"{node}: one reference image is expected; got a batch of {image.shape[0]}. Pick one "
+                               "(Image From Batch), or encode each reference with its own PromptNet Encode.")
+    if mask is not None:
+        if mask.dim() == 2:
+            mask = mask.unsqueeze(0)
+        if mask.shape[0] != 1 or tuple(mask.shape[-2:]) != tuple(image.shape[1:3]):
+            raise PersonalizeError(f"{node}: the mask is {tuple(mask.shape[-2:])} but the image "
+                                   f"{tuple(image.shape[1:3])}; give one mask of the image's size.")
+        if float(mask.max()) <= 0:
+            raise PersonalizeError(f"{node}: the mask is empty; paint the subject, or disconnect the mask.")
+        image = image * mask.unsqueeze(-1).to(image)
+    scale = getattr(vae, "downscale_ratio", 8)
+    scale = scale if isinstance(scale, int) else 8
+    side = promptnet.latent_size * scale
+    pixels = square(image, side)
+    latent = vae.encode(pixels[..., :3])
+    if latent.shape[-1] != promptnet.latent_size or latent.shape[1] != promptnet.unet_config["in_channels"]:
+        raise PersonalizeError(f"{node}: the VAE gives latents {tuple(latent.shape[1:])}, but "
+                               f"{promptnet.describe()} expects {promptnet.unet_config['in_channels']} channels at "
+                               f"{promptnet.latent_size}². Use the VAE of the checkpoint the PromptNet was made for.")
+    out = clip_vision.encode_image(image)
+    tokens = out["last_hidden_state"]
+    promptnet.check_vision(tokens.shape[-1], node)
+    return Reference(latent.float().cpu(), tokens.float().cpu(), promptnet.latent_size, promptnet.vision_width,
+                     pixels.cpu())
+
+
+def square(image: torch.Tensor, side: int) -> torch.Tensor:
+    """IMAGE [B, H, W, C] centre-cropped to a square and resized to ``side`` (bicubic, antialiased, clamped)."""
+    _, h, w, _ = image.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    x = image[:, top:top + s, left:left + s].movedim(-1, 1).float()
+    if s != side:
+        x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 1).movedim(1, -1)
+
+
+def promptnet_words(promptnet, reference: Reference, base_model, x_t: torch.Tensor,
+                    timestep: torch.Tensor) -> torch.Tensor:
+    """S* [B, 1, d] for the VP noisy latent ``x_t`` (model space) at ``timestep`` [B] (§5.3): the reference latent
+    taken to model space (``process_latent_in``); an ``x_t`` of another size than PromptNet's is resized to it
+    (bilinear; the official encoder only gives one word at 64² latents - methods.md §5.3, UNCONFIRMED behaviour)."""
+    param = next(promptnet.parameters())
+    ref = base_model.process_latent_in(reference.latent.to(device=param.device, dtype=torch.float32))
+    size = promptnet.latent_size
+    x = x_t.to(device=param.device, dtype=torch.float32)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    words = promptnet(ref, timestep.to(param.device), reference.vision_tokens.to(param.device), x)
+    return words[:, :1]
+
+
+class PromptNetConditions(FusionConditions):
+    """The provider that runs PromptNet at every fusion iteration and refinement (S* depends on x_t and t, §5.3):
+    ``Enc(P_S)`` is the prompt with the placeholder encoded with S*(x_t, t) (:class:`PlaceholderPrompt`), and
+    ``Enc_γ`` scales its S* row by γ (§5.4, §5.10.1). One reference per :class:`Reference`; references after the
+    first come with their scales s_k (official ``extra_ref_image_scales``)."""
+
+    def __init__(self, promptnet, references: list, clip, text: str, class_word: str, negative: list | None,
+                 base_model, placeholder: str = PLACEHOLDER, extra_scales=()):
+        if not references:
+            raise PersonalizeError(f"{NODE}: connect a PROFUSION_REFERENCE (PromptNet Encode).")
+        for ref in references:
+            ref.check(promptnet)
+        if not class_word.strip():
+            raise PersonalizeError(f"{NODE}: give the class word (e.g. 'person', 'dog'): the refinement stage guides "
+                                   "with the prompt where it replaces the placeholder.")
+        if len(extra_scales) != len(references) - 1:
+            raise PersonalizeError(f"{NODE}: {len(references)} references need {len(references) - 1} extra scale(s).")
+        self.promptnet, self.refs, self.base_model = promptnet, list(references), base_model
+        self.extra_scales = tuple(float(s) for s in extra_scales)
+        self.template = PlaceholderPrompt(clip, text, placeholder)
+        promptnet.check_text(self.template.width, NODE)
+        self.prompt = _conditioning(clip, self.template.tokens)
+        class_text = _replace_word(text, self.template.placeholder, class_word.strip())
+        self.class_prompt = _conditioning(clip, clip.tokenize(class_text))
+        self.negative = negative if negative is not None else _conditioning(clip, clip.tokenize(""))
+        self.calls = 0
+
+    def _contexts(self, x_t, timestep) -> list:
+        t = torch.full((x_t.shape[0],), float(timestep))
+        out = []
+        with torch.no_grad():
+            for ref in self.refs:
+                words = promptnet_words(self.promptnet, ref, self.base_model, x_t, t)
+                out.append(self.template.encode(words))
+        self.calls += 1
+        return out
+
+    def fusion_contexts(self, x_t, sigma, timestep, gamma):
+        return [scale_rows(c, self.template.rows, gamma) for c in self._contexts(x_t, timestep)]
+
+    def refinement_contexts(self, x_t, sigma, timestep):
+        return self._contexts(x_t, timestep)
+
+
+def _conditioning(clip, tokens) -> list:
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def _replace_word(text: str, word: str, by: str) -> str:
+    import re
+    return re.sub(rf"(?<![\w]){re.escape(word)}(?![\w])", by, text, count=1)
+
+
+def promptnet_loss(promptnet, prompt: PlaceholderPrompt, predict, model_sampling, x0: torch.Tensor,
+                   ref_latent: torch.Tensor, vision_tokens: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                   mask: torch.Tensor | None = None):
+    """ProFusion's training objective (§5.5, the official ``train.py``; test-time tuning §5.6 uses the same):
+    ``‖ε_θ(x_t, t, Enc("a photo of " ⊕ S*)) − ε‖²`` with ``S* = PromptNet(x_ref, t, c_img, x_t)`` - no
+    regularisation. In the host's k-diffusion form (core/diffusion.py): ``x = x0 + σε``, PromptNet reads the VP
+    latent ``x_t = x/√(1+σ²)`` and the model's timestep of σ, ``predict(x, σ, context) → D`` and
+    ``ε̂ = (x − D)/σ``, so ε- and v-prediction models train alike.
+
+    ``x0`` and ``ref_latent`` are model-space latents [B, C, h, w] (``process_latent_in``), ``vision_tokens``
+    [B, N, w], ``sigma`` [B], ``noise`` like ``x0``; ``mask`` [B, 1, h, w] weights the error (None: plain mean).
+    Returns ``(loss, denoised)``."""
+    from ..kernels.losses import masked_mse
+    s = sigma.view(-1, 1, 1, 1).to(x0)
+    x = x0 + s * noise
+    x_t = x / torch.sqrt(1.0 + s * s)
+    t = model_sampling.timestep(sigma.float()).float()
+    size = promptnet.latent_size
+    x_p = x_t if tuple(x_t.shape[-2:]) == (size, size) else F.interpolate(
+        x_t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    words = promptnet(ref_latent, t, vision_tokens, x_p)[:, :1]
+    context = prompt.encode(words)
+    denoised = predict(x, sigma, context)
+    return masked_mse(eps_from_denoised(x, denoised, s), noise, mask), denoised
