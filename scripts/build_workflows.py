@@ -313,6 +313,44 @@ def _mini_demo_graph() -> list:
     return graph
 
 
+PROMPTNET_MINI = "mini_world_promptnet.safetensors"  # models/promptnet of the pack (scripts/pretrain_promptnet.py)
+CLIP_VISION_MINI = "mini_world_clip_vision.safetensors"  # models/clip_vision of the pack (pretrain_clip_vision.py)
+# Fusion Sampler on the mini model: the official notebook's m, γ and η_fuse; the guidance scales brought down in the
+# notebook's proportions (ω1 : ω2 : ω_f = 7 : 5 : 7) to the mini-world benchmark's cfg 5 (BenchConfig.cfg).
+FUSION_MINI = {"omega1": 5.0, "omega2": 3.5, "m": 1, "gamma": 0.6, "omega_f": 5.0, "eta_fuse": 1.0}
+
+
+# TODO(issue #20): a second ProFusion workflow once ProFusion Tune lands (PersonalizeProFusionTune,
+# nodes/profusion_tune.py, another branch): the tuned PROMPTNET into the Fusion Sampler, the tuned MODEL into
+# SamplerCustom, and the tuned MODEL alone in a plain KSampler for comparison.
+def profusion_encode_mini() -> list:
+    """One reference view of the shipped subject -> PromptNet Encode -> Fusion Sampler -> stock SamplerCustom on
+    ddim_uniform SIGMAS (20 steps, the mini-world benchmark's), no tuning (the pre-trained mini PromptNet)."""
+    return [
+        _loader(MINI), _subject(MINI),
+        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, "One reference view"),
+        (4, "PersonalizeLoadMiniCLIPVision", {"clip_name": CLIP_VISION_MINI},
+         "Load Mini CLIP Vision (swap for Load CLIP Vision)"),
+        (5, "PersonalizePromptNetLoader", {"promptnet_name": PROMPTNET_MINI}, None),
+        (6, "PersonalizePromptNetEncode", {"image": (3, 0), "promptnet": (5, 0), "vae": (1, 2),
+                                           "clip_vision": (4, 0)}, None),
+        (7, "PersonalizeFusionSampler", {
+            "promptnet": (5, 0), "reference": (6, 0), "clip": (1, 1), "prompt": "a photo of holder on the beach",
+            "class_word": CLASS_WORD, "placeholder": "holder", **FUSION_MINI, "scale_2": 3.0, "scale_3": 3.0}, None),
+        (8, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Unused (SamplerCustom needs a prompt)"),
+        (9, "BasicScheduler", {"model": (1, 0), "scheduler": "ddim_uniform", "steps": MINI.ddim_steps,
+                               "denoise": 1.0}, None),
+        (10, "EmptyLatentImage", {"width": MINI.size, "height": MINI.size, "batch_size": MINI.batch}, None),
+        (11, "SamplerCustom", {"model": (1, 0), "add_noise": True, "noise_seed": 42, "cfg": MINI.cfg,
+                               "positive": (8, 0), "negative": (8, 0), "sampler": (7, 0), "sigmas": (9, 0),
+                               "latent_image": (10, 0)}, None),
+        (12, "VAEDecode", {"samples": (11, 0), "vae": (1, 2)}, None),
+        (13, "SaveImage", {"images": (12, 0), "filename_prefix": "personalize/profusion_encode_mini"}, None),
+        (14, "SaveImage", {"images": (3, 0), "filename_prefix": "personalize/profusion_encode_mini_reference"},
+         None),
+    ]
+
+
 MINI_NOTE = (f"Runs offline, out of the box: the pack's mini model (64 px) and the subject the pack ships "
              f"(subjects/{SUBJECT}: four views of a mini-world subject the model never saw in pre-training), with "
              "the mini-world benchmark's settings. For a real model, open the _sd15 version of this workflow.")
@@ -416,6 +454,8 @@ GRAPHS = {
     ]),
     "mini_world_demo": ("Personalise a held-out mini-world subject (HiFi Tuner) and place it in new scenes "
                         "(make demo)", True, _mini_demo_graph()),
+    "profusion_encode_mini": ("ProFusion: one reference image, PromptNet's word in the prompt, Fusion Sampling "
+                              "(the mini model, offline, no tuning)", False, profusion_encode_mini()),
 }
 for _method, (_title, _graph_of) in METHODS.items():
     for _kind, _target in TARGETS.items():
@@ -443,6 +483,16 @@ GROUPS = {
         ("2. Place it in new scenes", [4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 30, 31, 40], None),
     ],
     **{f"{m}_{k}": _groups(m, t) for m in METHODS for k, t in TARGETS.items()},
+    "profusion_encode_mini": [
+        ("1. One reference image for PromptNet", [1, 2, 3, 4, 5, 6, 14],
+         "Runs offline on the pack's mini model (64 px), its CLIP vision tower and the PromptNet pre-trained on the "
+         f"mini world (models/promptnet), with one view of the subject the pack ships (subjects/{SUBJECT}). For a "
+         "real model: Load Checkpoint, Load CLIP Vision and a PromptNet made for that checkpoint (the official one is "
+         "SD2-base with OpenCLIP ViT-H/14: scripts/convert_profusion.py), 512 px."),
+        ("2. Fusion Sampling with stock SamplerCustom", [7, 8, 9, 10, 11, 12, 13],
+         "Write 'holder' where the subject goes and its class in class_word. PromptNet computes the subject's word "
+         "at every step from the reference and the noisy image. SamplerCustom's own prompts and cfg are not used."),
+    ],
 }
 
 
