@@ -208,6 +208,20 @@ def test_promptnet_sees_each_evaluations_x_t_and_t_and_gamma_scales_only_the_s_s
     assert not torch.allclose(calls[0][1], calls[1][1])
 
 
+def test_latents_of_another_size_are_resized_for_promptnet_only(host, run_workflow, test_nodes):
+    """A 96 px image (12×12 latents) samples at its size; PromptNet reads x_t resized to its own 8×8 (methods.md
+    §5.3, UNCONFIRMED behaviour of the official encoder, our choice)."""
+    _run(run_workflow, _graph(recorder=True, **{"9__steps": 2, "10__width": 96, "10__height": 96}))
+    assert _Sink.kept[0].shape == (1, 4, 12, 12) and torch.isfinite(_Sink.kept[0]).all()
+    assert {tuple(x_t.shape) for _t, x_t, _w in _Recorder.promptnet} == {(1, 4, 8, 8)}
+    assert {tuple(x.shape[-2:]) for x, _s, _c in _Recorder.unet} == {(12, 12)}
+    x, sigma, _ = _Recorder.unet[0]
+    s = float(sigma[0])
+    want = torch.nn.functional.interpolate(x[:1] / math.sqrt(1 + s * s), size=(8, 8), mode="bilinear",
+                                           align_corners=False, antialias=True)
+    assert torch.allclose(_Recorder.promptnet[0][1], want, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: clear errors before work.
 
