@@ -208,12 +208,13 @@ class TuneRun:
         return Phase(self.params, self.config.steps, self.step_fn)
 
     def __exit__(self, *exc):
+        checkpoints, self._checkpoints = getattr(self, "_checkpoints", None), None
         try:
-            if getattr(self, "_checkpoints", None) is not None:
-                self._checkpoints.__exit__(None, None, None)
-                self._checkpoints = None
+            if checkpoints is not None:
+                checkpoints.__exit__(None, None, None)
         finally:
-            return self.session.__exit__(*exc)
+            self.session.__exit__(*exc)
+        return False
 
 
 def tune(promptnet, model, clip, vae, clip_vision, image: torch.Tensor, mask: torch.Tensor | None = None,

@@ -214,7 +214,7 @@ def test_node_in_the_executor_leaves_its_inputs_unchanged(host, run_workflow, su
     }
     run_workflow(prompt)
     source, tuned, model_in, model_out = seen["source"], seen["tuned"], seen["model_in"], seen["model_out"]
-    fresh = pn.PromptNet.from_model(model_in, family="sd1", vision_width=128, seed=1)  # deterministic: the input as built
+    fresh = pn.PromptNet.from_model(model_in, family="sd1", vision_width=128, seed=1)  # the input as it was built
     assert _same_state(_state(source), _state(fresh)), "the input PromptNet changed"
     assert not _same_state(_state(tuned), _state(source)), "the PromptNet was not tuned"
     assert tuned is not source and not any(p.requires_grad for p in tuned.parameters())
