@@ -17,6 +17,7 @@ CATEGORY = "personalize"
 LossMap = io.LossMap
 HiFiSubject = io.Custom("HIFI_SUBJECT")  # methods.hifi_tuner.Subject: global + step-wise rows
 Inversion = io.Custom("INVERSION")  # methods.inversion.Inversion: trajectory, schedule, per-step null-text embeddings
+PromptNet = io.Custom("PROMPTNET")
 
 MIXED_PRECISION = ["auto", "no", "bf16", "fp16"]
 
