@@ -20,6 +20,12 @@ Both sides run with the same ``--threads`` intra-op threads (default 1: on a 2-v
 processes, 2 OpenMP threads per process spin-wait for each other and a step becomes 10-50x slower on *both* sides;
 see bench/README.md), flush-to-zero on, fp32, batch 1, cached latents and no VAE in the step.
 
+Workload ``profusion`` (no reference implementation exists): one ProFusion Tune step (methods/profusion_tune.py:
+``TuneRun``'s step closure - PromptNet forward, prompt encoded with S*, UNet with full-rank q/k/v deltas, backward
+through all three - + ``train_step``) against one of our DreamBooth-LoRA steps, both on the shipped mini model, same
+latents and batch (``--pf-batch``, ProFusion's official 4); the row's "ref" is the LoRA step and the printed ratio
+is ProFusion / LoRA.
+
 Run: ``python bench/bench_training.py`` from the repository root (``make bench`` does, via bench/run_all.py).
 """
 from __future__ import annotations
@@ -106,7 +112,8 @@ def boot(host_path: str | None, work: Path):
 def pack_modules(h):
     p = h.pack_module_name
     names = ("core.tuning", "core.diffusion", "core.textual", "core.deltas", "core.host", "methods.textual_inversion",
-             "methods.dreambooth_lora")
+             "methods.dreambooth_lora", "methods.profusion_tune", "core.mini_family", "networks.promptnet",
+             "networks.mini_clip")
     return {n.split(".")[-1]: importlib.import_module(f"{p}.{n}") for n in names}
 
 
@@ -189,9 +196,9 @@ class OursLoRA:
     """The pack's DreamBooth-LoRA step (methods/dreambooth_lora.py without prior preservation, text encoder
     frozen and its prompt embedding cached) + tuning.train_step."""
 
-    def __init__(self, M, model, clip, latents, seed=0, prompt="a photo of sks dog"):
+    def __init__(self, M, model, clip, latents, seed=0, prompt="a photo of sks dog", batch_size=1):
         self.M = M
-        self.cfg = M["tuning"].TuningConfig(steps=10 ** 6, learning_rate=LORA_LR, seed=seed)
+        self.cfg = M["tuning"].TuningConfig(steps=10 ** 6, learning_rate=LORA_LR, seed=seed, batch_size=batch_size)
         self.session = M["tuning"].TrainingSession(model, clip, train_text=False,
                                                    gradient_checkpointing=self.cfg.gradient_checkpointing)
         self.latents, self.prompt = latents, prompt
@@ -239,6 +246,77 @@ class OursLoRA:
 
     def __exit__(self, *exc):
         return self.session.__exit__(*exc)
+
+
+class OursProFusion:
+    """One ProFusion Tune step (methods/profusion_tune.py: ``TuneRun.step_fn`` + ``tuning.train_step``) on the
+    shipped mini model: a PromptNet made from the MODEL, the mini CLIP vision tower, one subject image and its
+    augmented copies (``augmented_copies``), q/k/v deltas on."""
+
+    def __init__(self, M, model, clip, vae, batch_size=4, copies=31, seed=0):
+        import torch
+        from harness.subjects import subject_images
+        pt, mc = M["profusion_tune"], M["mini_clip"]
+        self.M, self.pt = M, pt
+        self.cfg = pt.ProFusionTuneConfig(steps=10 ** 6, batch_size=batch_size, augmented_copies=copies, seed=seed)
+        with torch.inference_mode():
+            self.net = M["promptnet"].PromptNet.from_model(model, family="sd1", vision_width=128, seed=1)
+            tower = mc.load_clip_vision(mc.PACK_MODELS / "clip_vision" / mc.SHIPPED_NAME)
+            image = subject_images(1, 64)[0]
+            pt.check_inputs(self.net, model, clip, image, None, self.cfg)
+            self.data = pt.build_dataset(self.net, vae, tower, image, None, self.cfg)
+        self.latents = self.data.latents
+        self.run = pt.TuneRun(self.net, model, clip, self.data, self.cfg)
+
+    def __enter__(self):
+        run = self.run.__enter__()
+        self.opt = self.M["tuning"].make_optimizer([p for p in run.params if p.requires_grad], self.cfg,
+                                                   run.session.device)
+        self.pbar = self.M["host"].progress_bar(self.cfg.steps)
+        self.i = 0
+        return self
+
+    def step(self):
+        value, _ = self.M["tuning"].train_step(self.pt.NODE, self.i, self.run.step_fn, self.opt, self.cfg,
+                                               self.run.session.device)
+        self.i += 1
+        self.pbar.update_absolute(self.i, self.cfg.steps, None)
+        return value
+
+    def __exit__(self, *exc):
+        return self.run.__exit__(*exc)
+
+
+def run_profusion(M, rounds, warmup, batch, copies, log) -> Result:
+    """ProFusion Tune step vs our DreamBooth-LoRA step on the shipped mini model (same latents, same batch): FLOPs,
+    aten ops, step memory, interleaved timing; the row's reference is the LoRA step."""
+    import torch
+    mf = M["mini_family"]
+    with torch.inference_mode():  # two copies: each side's session patches its own model (both stay loaded)
+        model, clip, vae = mf.load_checkpoint(mf.shipped_checkpoint())
+        model_b, clip_b, _ = mf.load_checkpoint(mf.shipped_checkpoint())
+    pf = OursProFusion(M, model, clip, vae, batch_size=batch, copies=copies)
+    lora = OursLoRA(M, model_b, clip_b, pf.latents, batch_size=batch, prompt="a photo of sks toy")
+    with pf as ours, lora as ref:
+        sides = {"ours": ours, "lora": ref}
+        losses = {k: side.step() for k, side in sides.items()}
+        counts = {k: measure.count_flops_and_ops(side.step) for k, side in sides.items()}
+        peak = {k: measure.peak_step_bytes(side.step) for k, side in sides.items()}
+        rss = {k: measure.rss_peak_delta_bytes(side.step) for k, side in sides.items()}
+        for _ in range(warmup):
+            for side in sides.values():
+                side.step()
+        log(f"  [profusion] FLOPs/step ProFusion Tune {counts['ours'][0] / 1e9:.3f} G, LoRA "
+            f"{counts['lora'][0] / 1e9:.3f} G; aten ops {counts['ours'][1].total} / {counts['lora'][1].total}")
+        timing = measure.interleaved({k: side.step for k, side in sides.items()}, rounds)
+    q1, med, q3 = timing.ratio("lora")
+    r = Result("profusion-tune", f"lora-ours (mini, batch {batch})", int(pf.latents.shape[-1]), rounds,
+               timing.median("ours"), timing.median("lora"), med, q1, q3, peak["ours"], peak["lora"], rss["ours"],
+               rss["lora"], counts["ours"][0], counts["lora"][0], counts["ours"][1].total, counts["lora"][1].total,
+               losses["ours"], losses["lora"], timing.times["ours"], timing.times["lora"])
+    log(f"  [profusion] ProFusion Tune {r.ours_s * 1e3:.1f} ms/step, DreamBooth-LoRA {r.ref_s * 1e3:.1f} ms/step: "
+        f"ratio ProFusion/LoRA {med:.2f} [{q1:.2f}-{q3:.2f}]")
+    return r
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,7 +414,12 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default=os.environ.get("COMFYUI_PATH") or None,
                     help="ComfyUI tree (default: $COMFYUI_PATH or the repository's default host)")
     ap.add_argument("--latents", default="8,32", help="latent sizes (8 = 64x64 px, 32 = 256x256 px)")
-    ap.add_argument("--workloads", default="ti,lora")
+    ap.add_argument("--workloads", default="ti,lora,profusion",
+                    help="ti, lora (ours vs diffusers, per latent size), profusion (ProFusion Tune vs our LoRA step "
+                         "on the mini model, once)")
+    ap.add_argument("--pf-batch", type=int, default=4, help="batch of both sides of the profusion workload")
+    ap.add_argument("--pf-copies", type=int, default=31, help="augmented copies of the profusion workload")
+    ap.add_argument("--pf-rounds", type=int, default=12, help="timed rounds of the profusion workload")
     ap.add_argument("--ti-refs", default="script,row",
                     help="TI references: script (diffusers' scheme) and/or row (same models, one trainable row)")
     ap.add_argument("--rounds", default="12,6",
@@ -376,6 +459,14 @@ def _run(args, work: Path, t_start: float, log) -> int:
     from harness import fixtures
 
     M = pack_modules(h)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    results = []
+    if "profusion" in workloads:
+        log("profusion: ProFusion Tune step vs DreamBooth-LoRA step, mini model")
+        results.append(run_profusion(M, args.pf_rounds, args.warmup, args.pf_batch, args.pf_copies, log))
+        workloads.remove("profusion")
+    if not workloads:
+        return _report(args, results, h, t_start)
     with torch.inference_mode():
         model, clip, _vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt.name)[:3]
     unet_cfg = fixtures.UNET_CONFIGS["sd15"]
@@ -390,8 +481,6 @@ def _run(args, work: Path, t_start: float, log) -> int:
     sizes = [int(s) for s in args.latents.split(",") if s]
     rounds = [int(p) for p in args.rounds.split(",")]
     rounds = (rounds * len(sizes))[:len(sizes)] if len(rounds) == 1 else rounds
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    results = []
     for size, n_rounds in zip(sizes, rounds):
         g = torch.Generator().manual_seed(size)
         latents = torch.randn(1, 4, size, size, generator=g)  # user-space VAE latent (the pack caches these)
@@ -423,15 +512,25 @@ def _run(args, work: Path, t_start: float, log) -> int:
             else:
                 raise SystemExit(f"unknown workload {w!r}")
             results += run_workload(w, ours_ctx, make_refs, n_rounds, args.warmup, args.flop_tol, args.loss_tol, log)
+    return _report(args, results, h, t_start)
 
+
+def _report(args, results, h, t_start) -> int:
+    import torch
     print()
     print(f"Training-step benchmark: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.threads} intra-op thread(s), fp32, batch 1, host {h.path}")
+          f"{args.threads} intra-op thread(s), fp32, batch 1 (profusion-tune: --pf-batch), host {h.path}")
     print("s/step: median; time ours/ref: median of per-round ratios over interleaved rounds [25th-75th pct];")
     print("peak mem: peak bytes held by torch's CPU allocator during one step above the pre-step level "
           "(profiler memory events); RSS Δ: resident high-water mark during one step minus RSS before it")
     print(table(results))
-    worst = max(r.ratio_median for r in results)
+    gated = [r.ratio_median for r in results if r.workload != "profusion-tune"]  # that one is method vs method
+    worst = max(gated) if gated else 0.0
+    for r in results:
+        if r.workload == "profusion-tune":
+            print(f"ProFusion Tune step / DreamBooth-LoRA step (mini model, batch {args.pf_batch}): "
+                  f"{r.ratio_median:.2f} [{r.ratio_q1:.2f}-{r.ratio_q3:.2f}] ({r.ours_s * 1e3:.1f} vs "
+                  f"{r.ref_s * 1e3:.1f} ms; FLOPs {r.flop_ratio:.2f}x)")
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))

@@ -1,9 +1,15 @@
-"""Low-rank weight deltas on UNet and text-encoder layers: train by bypass, save in kohya names, apply by merge.
+"""Weight deltas on UNet and text-encoder layers: train by bypass, apply by the host's own weight patches.
 
-Training attaches each delta to its layer with :func:`graph_patches.override_forward` (``W x + s·B A x``;
-only ``A``/``B`` get gradients). Inference never uses this path: the deltas are saved with kohya key names
-(``lora_unet_…``/``lora_te…`` + ``.lora_down.weight``/``.lora_up.weight``/``.alpha``) and applied with the
-host's own ``comfy.sd.load_lora_for_models`` — the code path of the stock ``LoraLoader`` in both hosts.
+Low rank (:class:`LowRankDeltas`): training attaches each delta to its layer with
+:func:`graph_patches.override_forward` (``W x + s·B A x``; only ``A``/``B`` get gradients). Inference never uses
+this path: the deltas are saved with kohya key names (``lora_unet_…``/``lora_te…`` + ``.lora_down.weight``/
+``.lora_up.weight``/``.alpha``) and applied with the host's own ``comfy.sd.load_lora_for_models`` — the code path
+of the stock ``LoraLoader`` in both hosts.
+
+Full rank (:class:`FullRankDeltas`, ProFusion's test-time tuning of q/k/v, methods.md §5.6): one dense ``ΔW`` per
+layer, trained by the same bypass (``W x + ΔW x``) and applied to a ``model.clone()`` as plain ModelPatcher weight
+patches (``add_patches({key: ("diff", (ΔW,))})``, merged ``W + ΔW`` by the host when it loads the clone and
+removed when it unloads it).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from .host import PersonalizeError
 UNET_TARGETS = {
     "attention": re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"),
     "all_linear": re.compile(r"(\.attn[12]\.(to_q|to_k|to_v|to_out\.0)|\.ff\.net\.(0\.proj|2)|\.proj_in|\.proj_out)$"),
+    "qkv": re.compile(r"\.attn[12]\.(to_q|to_k|to_v)$"),  # ProFusion (§5.6): q/k/v of self- and cross-attention
 }
 TEXT_TARGETS = {
     "attention": re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"),
@@ -120,6 +127,52 @@ class LowRankDeltas(torch.nn.Module):
             sd[f"{name}.lora_up.weight"] = self.up[name].detach().to("cpu", dtype).contiguous()
             sd[f"{name}.alpha"] = torch.tensor(self.alpha, dtype=dtype)
         return sd
+
+
+class FullRankDeltas(torch.nn.Module):
+    """Dense weight deltas ``ΔW`` [out, in], one per layer (keyed by kohya name), zero at the start so the model
+    is unchanged at step 0. ProFusion tunes the UNet's ``to_q``/``to_k``/``to_v`` this way (methods.md §5.6; the
+    official notebook trains those weights themselves - ``W + ΔW`` with ``ΔW`` trained is the same optimisation:
+    AdamW's update and weight decay act on the trained tensor, so the decay pulls ``ΔW`` to 0, not ``W``).
+
+    * training: :meth:`attach` adds ``ΔW x`` to the layer's output by bypass (``W x + ΔW x``) on a clone being
+      trained - the host's weights stay as they are and only ``ΔW`` gets gradients;
+    * output: :meth:`patched` returns ``model.clone()`` with ``("diff", (ΔW,))`` weight patches - the host adds
+      ``ΔW`` to ``W`` when it loads the clone (as for any LoRA) and removes it when it unloads it, so the input
+      MODEL is untouched."""
+
+    def __init__(self, specs: list[DeltaSpec]):
+        super().__init__()
+        if not specs:
+            raise PersonalizeError("No layers to put full-rank deltas on.")
+        self.specs = {s.kohya_name: s for s in specs}
+        self.delta = torch.nn.ParameterDict(
+            {s.kohya_name: torch.nn.Parameter(torch.zeros(s.out_features, s.in_features)) for s in specs})
+
+    def attach(self, patcher) -> None:
+        """Add each delta to its layer's output on ``patcher`` (a clone being trained) by bypass."""
+        for name, spec in self.specs.items():
+            def fn(base, x, *args, _d=self.delta[name], **kwargs):
+                return base(x, *args, **kwargs) + torch.nn.functional.linear(x, _d.to(x.dtype))
+
+            override_forward(patcher, spec.module_path, fn)
+
+    def weight_patches(self) -> dict:
+        """``{weight key: ("diff", (ΔW,))}``: the deltas as ComfyUI weight patches (float32 CPU copies; the host
+        casts them to the weight's device and dtype when it patches)."""
+        return {spec.weight_key: ("diff", (self.delta[name].detach().to("cpu", torch.float32).clone(),))
+                for name, spec in self.specs.items()}
+
+    def patched(self, model):
+        """A clone of ``model`` (ModelPatcher) with every delta added as a removable weight patch."""
+        out = model.clone()
+        patches = self.weight_patches()
+        added = out.add_patches(patches, 1.0)
+        if len(added) != len(patches):
+            missing = sorted(set(patches) - set(added))
+            raise PersonalizeError(f"Full-rank deltas: {len(missing)} layer(s) are not in this MODEL "
+                                   f"({', '.join(missing[:2])}…); the deltas were trained on another model.")
+        return out
 
 
 def apply_lora(model, clip, lora_sd: dict, strength_model: float = 1.0, strength_clip: float = 1.0):

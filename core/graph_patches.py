@@ -8,7 +8,8 @@ that clone is loaded and is removed by ComfyUI's own unpatching.
 * :func:`make_text_encoder_differentiable` makes the text encoder's ``CLIPLayer.forward``, whose residual adds are
   in place (``x += self.self_attn(self.layer_norm1(x), ...)``), safe for autograd. The UNet needs nothing: in
   every supported host ``BasicTransformerBlock`` adds out of place (tests/test_kernels.py checks both).
-* :func:`add_gradient_checkpointing` wraps the UNet's top-level blocks in ``torch.utils.checkpoint``.
+* :func:`add_gradient_checkpointing` wraps the UNet's top-level blocks in ``torch.utils.checkpoint``
+  (:func:`checkpointed_blocks`: the same for a network the pack owns, e.g. PromptNet).
 * :func:`use_fused_attention` / :func:`use_fused_text_attention` route the UNet's / text encoder's attention through
   PyTorch's fused SDPA on CPU, where both hosts otherwise use attention implementations that keep the N x N
   probabilities (and head-split copies of q, k, v) for backward.
@@ -16,6 +17,7 @@ that clone is loaded and is removed by ComfyUI's own unpatching.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import inspect
 import logging
@@ -187,6 +189,24 @@ def add_gradient_checkpointing(patcher) -> int:
             patcher.add_object_patch(f"diffusion_model.{name}.forward", _checkpointed(base))
             count += 1
     return count
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(module: torch.nn.Module, enabled: bool = True):
+    """Gradient checkpointing of every ResBlock and SpatialTransformer of a module the caller owns and trains (not
+    a host model shared through a patcher: PromptNet's encoder half) while the context is open; the instance
+    ``forward`` overrides are removed on exit, so the module leaves as it came. Yields the count."""
+    patched = []
+    if enabled:
+        for mod in module.modules():
+            if type(mod).__name__ in _CHECKPOINT_CLASSES and "forward" not in vars(mod):
+                mod.forward = _checkpointed(types.MethodType(type(mod).forward, mod))
+                patched.append(mod)
+    try:
+        yield len(patched)
+    finally:
+        for mod in patched:
+            vars(mod).pop("forward", None)
 
 
 # ---------------------------------------------------------------------------------------------------------
