@@ -82,17 +82,21 @@ class PromptNetTask:
 
     ``checkpoint`` / ``clip_vision``: files for :func:`core.pretrain.host_networks` (None: the shipped mini family and
     mini CLIP vision tower); ``networks``: already-loaded :class:`~core.pretrain.HostNetworks` instead (tests).
-    ``prompt``: ``"caption"`` or ``"official"`` (module docstring). ``validation``: an optional
+    ``prompt``: ``"caption"`` or ``"official"`` (module docstring). ``word_init_scale`` multiplies the initial weights
+    of PromptNet's last layer (``prompt_out``; its bias starts at 0): the default initialisation gives words far
+    larger than the text encoder's own (the mini family: S* of norm ~4 against token embeddings of ~0.23), which the
+    frozen encoder has never seen; 0.05 starts S* at their size. ``validation``: an optional
     ``validate(task, module) -> dict``."""
     name = "promptnet"
 
     def __init__(self, checkpoint=None, clip_vision=None, *, prompt: str = "caption", placeholder: str = PLACEHOLDER,
-                 seed: int = 0, networks=None, validation=None):
+                 word_init_scale: float = 1.0, seed: int = 0, networks=None, validation=None):
         if prompt not in PROMPT_MODES:
             raise PersonalizeError(f"PromptNet pre-training: prompt must be one of {', '.join(PROMPT_MODES)}, not "
                                    f"{prompt!r}.")
         self.checkpoint, self.clip_vision_path = checkpoint, clip_vision
         self.prompt, self.placeholder, self.seed = prompt, placeholder, int(seed)
+        self.word_init_scale = float(word_init_scale)
         self.validation = validation
         self._nets = networks
         self._ready = False
@@ -156,7 +160,8 @@ class PromptNetTask:
         return {"checkpoint": name(self.checkpoint, mini_family.shipped_checkpoint(), "shipped mini family"),
                 "clip_vision": name(self.clip_vision_path, mini_clip.PACK_MODELS / "clip_vision" /
                                     mini_clip.SHIPPED_NAME, "shipped mini CLIP vision"),
-                "prompt": self.prompt, "placeholder": self.placeholder, "seed": self.seed}
+                "prompt": self.prompt, "placeholder": self.placeholder, "seed": self.seed,
+                "word_init_scale": self.word_init_scale}
 
     def build(self, device) -> torch.nn.Module:
         from ..core.host import model_family
@@ -165,6 +170,10 @@ class PromptNetTask:
         net = PromptNet.from_model(self.model, family=model_family(self.model), vision_width=self.vision_width(),
                                    seed=self.seed)
         net.check_text(int(self._prompt_for(OFFICIAL_PROMPT.format(self.placeholder)).width), "PromptNet pre-training")
+        if self.word_init_scale != 1.0:
+            with torch.no_grad():
+                net.prompt_out.weight.mul_(self.word_init_scale)
+                net.prompt_out.bias.zero_()
         return net.to(device)
 
     def _prompt_for(self, text: str) -> PlaceholderPrompt:
@@ -230,12 +239,12 @@ class PromptNetTask:
             x = x0 + s * noise
             return float(masked_mse(eps_from_denoised(x, self.prediction(x, sigma, context), s), noise, None))
 
-    def loss(self, module, batch, generator: torch.Generator, *, texts: list[str] | None = None):
+    def loss(self, module, batch, generator: torch.Generator):
+        """The official objective on a batch (module docstring); ``module`` is the PromptNet or its DDP wrapper."""
         net = module.module if hasattr(module, "module") else module
         inputs = self.encode_inputs(net, batch)
-        device = inputs["x0"].device
         sigma, noise = self.draw(inputs["x0"], generator)
-        prompts = PromptBatch([self._prompt_for(t) for t in (texts or self.prompts(batch))])
+        prompts = PromptBatch([self._prompt_for(t) for t in self.prompts(batch)])
         loss, _ = promptnet_loss(_Unwrapped(module, net) if module is not net else net, prompts,
                                  self.prediction, self.model_sampling, inputs["x0"], inputs["ref"],
                                  inputs["tokens"], sigma, noise)

@@ -171,6 +171,19 @@ def test_gradients_reach_promptnet_only_and_steps_lower_the_loss(pp, nets, views
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+def test_word_init_scale_scales_the_last_layer_only(pp, nets):
+    plain = _task(pp, nets).build(torch.device("cpu")).state_dict()
+    small = _task(pp, nets, word_init_scale=0.05).build(torch.device("cpu")).state_dict()
+    for k, v in plain.items():
+        if k == "prompt_out.weight":
+            torch.testing.assert_close(small[k], 0.05 * v)
+        elif k == "prompt_out.bias":
+            assert not small[k].any()
+        else:
+            assert torch.equal(small[k], v), k
+    assert _task(pp, nets, word_init_scale=0.05).config()["word_init_scale"] == 0.05
+
+
 # ------------------------------------------------------------------------------------------------ the engine
 
 def test_parts_resume_to_the_straight_run_and_the_file_reads_back(pp, pf, engine, nets, views, tmp_path, host):
