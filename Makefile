@@ -159,12 +159,12 @@ clip-vision: host
 	  --work-dir $(MINI_WORLD_DIR)/clip_vision $(CLIP_VISION_ARGS)
 
 # ProFusion's PromptNet for the mini family (methods/profusion_pretrain.py, scripts/pretrain_promptnet.py) on the
-# pre-training engine, from the family's checkpoint and CLIP vision tower (re-run it after either changes): 2700 steps
-# of 32 base-subject render pairs (a target view, a reference view of the same subject), about 85 min on one core of
+# pre-training engine, from the family's checkpoint and CLIP vision tower (re-run it after either changes): 2400 steps
+# of 32 base-subject render pairs (a target view, a reference view of the same subject), about 77 min on one core of
 # a 2-core CPU (1.87 s a step, 1.15 s of it the frozen VAE encoding both views) plus ~12 s a validation (every 300
 # steps). Resumable: the engine checkpoints every 50 steps into $(MINI_WORLD_DIR)/promptnet and a rerun continues
-# there; PROMPTNET_ARGS="--stop-after 900 --export-part" runs a part of 900 steps (~28 min) and writes the file as it
-# stands (README, "Encoders and pre-training": which steps the shipped file is).
+# there; PROMPTNET_ARGS="--stop-after 800 --export-part" runs a part of 800 steps (~25 min) and writes the file as it
+# stands (the shipped file: README, "Encoders and pre-training").
 PROMPTNET_ARGS ?=
 PROMPTNET_OUT ?= models/promptnet/mini_world_promptnet.safetensors
 promptnet: host

@@ -8,7 +8,8 @@ family and mini CLIP vision tower:
   frozen network; a few steps on one batch lower it;
 * the engine: parts of a run resume to the straight run, the written file reads back (``load_promptnet``) giving
   the same S*; a folder of subjects with references trains;
-* ``scripts/pretrain_promptnet.py --quick`` stops after N, resumes and writes the file (``slow``: two ComfyUI boots).
+* ``scripts/pretrain_promptnet.py --quick`` stops after N, resumes and writes the file, alone and as two gloo ranks
+  under torchrun (``slow``: ComfyUI boots in subprocesses).
 
 Held-out subjects never reach the world source (tests/test_pretrain.py covers WorldSource).
 """
@@ -268,3 +269,21 @@ def test_script_quick_stops_resumes_and_writes_the_file(host, tmp_path):
     assert meta["steps_done"] == meta["steps_total"] == 4 and meta["recipe"]["batch_size"] == 4
     assert meta["task"]["prompt"] == "caption"
     assert net.latent_size == 8 and net.vision_width == 128
+
+
+@pytest.mark.slow
+def test_script_under_torchrun_two_gloo_ranks(host, tmp_path):
+    """Two CPU ranks (gloo) through DDP: the run ends (the engine's replica check passed) and rank 0 writes the file.
+    Its losses are not compared with one process: the step generator is per rank, so σ and ε differ by design
+    (tests/test_pretrain.py compares the engine itself with one process)."""
+    from helpers import free_port
+    out = tmp_path / "pn.safetensors"
+    env = dict(os.environ, COMFYUI_PATH=str(host.path), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", str(REPO / "scripts" / "pretrain_promptnet.py"), "--quick",
+                        "--threads", "1", "--out", str(out), "--work-dir", str(tmp_path / "work")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ckpt = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 4 and len(ckpt["rng"]) == 2
+    assert pack_module(host, "networks.promptnet").load_promptnet(out).latent_size == 8
