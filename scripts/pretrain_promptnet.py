@@ -114,11 +114,28 @@ def main(argv=None) -> int:
     metadata = {"recipe": dataclasses.asdict(cfg), "task": task.config(),
                 "trained_on": args.folder or "mini world (base subjects, WorldSource views)",
                 "steps_done": result.steps, "steps_total": cfg.steps}
-    if result.validation:
-        metadata["validation"] = {k: round(v, 5) for k, v in result.validation.items()}
+    last = last_validation(Path(args.work_dir) / engine.LOG_NAME)
+    if last:
+        metadata["validation"] = last
     write(result.module, out, metadata, h)
     logging.info("wrote %s (%.1f KB) at step %d of %d", out, out.stat().st_size / 1024, result.steps, cfg.steps)
     return 0
+
+
+def last_validation(log_path: Path) -> dict | None:
+    """The last validation of the run's ``log.jsonl`` (``{"step": n, name: value, ...}``), or None."""
+    import json
+    if not log_path.is_file():
+        return None
+    last = None
+    for line in log_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "validation" in row:
+            last = {"step": row["step"], **{k: round(v, 5) for k, v in row["validation"].items()}}
+    return last
 
 
 def write(module, out: Path, metadata: dict, h) -> Path:
