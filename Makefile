@@ -39,10 +39,10 @@ endif
 
 VENV_STAMP := $(VENV)/.stamp-venv
 
-.PHONY: venv host test demo bench eval mini-world clip-vision evaluators constraints check-latest help
+.PHONY: venv host test demo bench eval mini-world clip-vision promptnet evaluators constraints check-latest help
 
 help:
-	@echo "targets: venv host test demo bench eval mini-world clip-vision evaluators constraints check-latest  (COMFYUI_PATH selects the host; default $(DEFAULT_HOST_DIR))"
+	@echo "targets: venv host test demo bench eval mini-world clip-vision promptnet evaluators constraints check-latest  (COMFYUI_PATH selects the host; default $(DEFAULT_HOST_DIR))"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Virtual environment: torch first (at its constraints.txt pin; pip takes it from the machine's local wheels), then
@@ -145,6 +145,7 @@ mini-world: $(MINI_WORLD_DIR)/part3.safetensors $(MINI_WORLD_DIR)/wide_vae.safet
 	$(TRAIN_MINI) --init-from $(MINI_WORLD_DIR)/part3.safetensors --vae-from $(MINI_WORLD_DIR)/wide_vae.safetensors \
 	  --set seed=3 --set diffusion_steps=5000 $(MINI_WORLD_ARGS) --out $(MINI_WORLD_OUT)
 	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/eval_mini_world.py --ckpt $(MINI_WORLD_OUT) --check
+	$(MAKE) promptnet
 
 # The family's CLIP vision tower (networks/mini_clip.py) on the pre-training engine (core/pretrain.py): 6000 steps
 # of 128 renders, about 105 min on one core of a 2-core CPU (1.05 s a step) plus under a minute of measurement;
@@ -156,6 +157,19 @@ CLIP_VISION_OUT ?= models/clip_vision/mini_world_clip_vision.safetensors
 clip-vision: host
 	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/pretrain_clip_vision.py --out $(CLIP_VISION_OUT) \
 	  --work-dir $(MINI_WORLD_DIR)/clip_vision $(CLIP_VISION_ARGS)
+
+# ProFusion's PromptNet for the mini family (methods/profusion_pretrain.py, scripts/pretrain_promptnet.py) on the
+# pre-training engine, from the family's checkpoint and CLIP vision tower (re-run it after either changes): 2400 steps
+# of 32 base-subject render pairs (a target view, a reference view of the same subject), about 77 min on one core of
+# a 2-core CPU (1.87 s a step, 1.15 s of it the frozen VAE encoding both views) plus ~12 s a validation (every 300
+# steps). Resumable: the engine checkpoints every 50 steps into $(MINI_WORLD_DIR)/promptnet and a rerun continues
+# there; PROMPTNET_ARGS="--stop-after 800 --export-part" runs a part of 800 steps (~25 min) and writes the file as it
+# stands (the shipped file: README, "Encoders and pre-training").
+PROMPTNET_ARGS ?=
+PROMPTNET_OUT ?= models/promptnet/mini_world_promptnet.safetensors
+promptnet: host
+	COMFYUI_PATH="$(HOST_DIR)" $(PY) scripts/pretrain_promptnet.py --checkpoint $(MINI_WORLD_OUT) \
+	  --clip-vision $(CLIP_VISION_OUT) --out $(PROMPTNET_OUT) --work-dir $(MINI_WORLD_DIR)/promptnet $(PROMPTNET_ARGS)
 
 evaluators: venv
 	$(PY) scripts/train_evaluators.py

@@ -521,6 +521,32 @@ class PlaceholderPrompt:
         return out.reshape(words.shape[0], -1, out.shape[-1])
 
 
+def encode_prompts(prompts: list, words: torch.Tensor) -> torch.Tensor:
+    """Several :class:`PlaceholderPrompt` (one per row, of one CLIP) encoded with their rows of ``words`` [B, d]
+    (or [B, 1, d]) → [B, L, d] in one call of the CLIP's ``encode_from_tokens``: the B prompts are B chunks of one
+    prompt (the trick of :meth:`PlaceholderPrompt.encode`), so row b equals ``prompts[b].encode(words[b:b+1])``.
+    Pre-training with per-sample prompts (each image's own caption with its subject replaced) uses it."""
+    words = words.reshape(words.shape[0], -1)
+    if len(prompts) != words.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {words.shape[0]} words")
+    first = prompts[0]
+    if any(p.clip is not first.clip or p.key != first.key for p in prompts):
+        raise ValueError("encode_prompts: every prompt must come from the same CLIP")
+    if words.shape[-1] != first.width:
+        raise PersonalizeError(f"{NODE}: PromptNet's word has width {words.shape[-1]} but this CLIP's text encoder "
+                               f"{first.width}. Use the CLIP of the checkpoint the PromptNet was made for.")
+    table = first.positions().detach().to(device=words.device, dtype=torch.float32)
+    batch = []
+    for b, prompt in enumerate(prompts):
+        vec = words[b].float() - table[prompt.position]
+        chunk = prompt.tokens[prompt.key][0]
+        batch.append([(vec,) + tuple(item[1:]) if i == prompt.position else item for i, item in enumerate(chunk)])
+    tokens = dict(first.tokens)
+    tokens[first.key] = batch
+    out = first.clip.encode_from_tokens(tokens)
+    return out.reshape(words.shape[0], -1, out.shape[-1])
+
+
 @dataclass
 class Reference:
     """PromptNet Encode's output (PROFUSION_REFERENCE): what does not depend on the noisy latent - the reference

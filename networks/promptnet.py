@@ -43,7 +43,7 @@ PACK_MODELS = Path(__file__).resolve().parents[1] / "models"
 PROMPTNET_FILE = artifacts.kind(
     kind="promptnet", title="PromptNet", folder="promptnet", subdir=("promptnet",),
     shipped=PACK_MODELS / "promptnet",
-    made_by="scripts/pretrain_promptnet.py (make mini-world), ProFusion Tune, or scripts/convert_profusion.py")
+    made_by="scripts/pretrain_promptnet.py (make promptnet), ProFusion Tune, or scripts/convert_profusion.py")
 
 #: the UNet-config entries that fix the encoder half's architecture (the rest - decoder, dtype - do not)
 ENCODER_KEYS = ("in_channels", "model_channels", "num_res_blocks", "channel_mult", "transformer_depth",
@@ -303,7 +303,7 @@ class PromptNet(Network):
 def load_promptnet(name_or_path, dtype: torch.dtype = torch.float32) -> PromptNet:
     """A PromptNet file (pack folder ``promptnet`` or a path), checked against its checksum sidecar when shipped."""
     path = PROMPTNET_FILE.resolve(name_or_path)
-    artifacts.check_file_checksum(path, "scripts/pretrain_promptnet.py --export (make mini-world)")
+    artifacts.check_file_checksum(path, "scripts/pretrain_promptnet.py (`make promptnet`, a part of `make mini-world`)")
     net = PromptNet.load(path, dtype=dtype)
     net.requires_grad_(False)
     return net.eval()
