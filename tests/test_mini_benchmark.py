@@ -133,6 +133,51 @@ def test_quick_evaluation_personalisation_beats_the_base_model(host, bench, ship
         assert torch.isfinite(torch.tensor(row.per_subject["subject_fidelity"])).all()
 
 
+def test_one_image_methods_run_in_the_one_image_table_only(host, bench):
+    """ProFusion reads one image: its rows are in the one-image protocol's default rows, not the multi-image one's
+    (nor in an explicit list run under the multi-image protocol); every other row is in both."""
+    registry = pack_module(host, "miniworld.registry")
+    benchmark = bench
+    multi = benchmark.BenchConfig()
+    one = benchmark.one_image(multi)
+    pf = ("profusion-m0", "profusion", "profusion-tune")
+    assert multi.method_keys() == ("ti", "lora", "hifi")
+    assert one.method_keys() == ("ti", "lora", "hifi", *pf)
+    assert benchmark.BenchConfig(methods=("ti", "profusion")).method_keys() == ("ti",)
+    assert benchmark.one_image(benchmark.BenchConfig(methods=("profusion", "ti"))).method_keys() == ("profusion", "ti")
+    assert benchmark.BenchConfig(views=4, seen_views=2).protocol == "2 of 4"
+    assert not registry.runs_under("profusion", "2 of 4") and registry.runs_under("hifi", "2 of 4")
+    assert all(registry.get(k).protocols == ("one",) for k in pf)
+
+
+def test_a_rows_sampler_runs_in_samplercustom_and_stock_ddim_there_is_ksampler(host, bench, shipped, evaluator):
+    """``Personalised.sampler`` (ProFusion's Fusion Sampler per caption): each caption is sampled by stock
+    SamplerCustom with the row's SAMPLER on the benchmark's SIGMAS, seeds, cfg and prompts. With the stock ddim
+    SAMPLER that is exactly what KSampler (ddim, ddim_uniform) gives the other rows, image for image; the hook is
+    asked once per caption, in order, and its SAMPLER is the one used (dpmpp_2m gives other images)."""
+    import nodes
+    registry = pack_module(host, "miniworld.registry")
+    _, (model, clip, vae) = shipped
+    runner = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, evaluator,
+                             bench.BenchConfig(seeds=2, sampler_steps=10))
+    runner.draw = 1
+    prompts = list(bench.pick_subjects(1, "tuning")[0].prompts[:2])
+    asked = []
+
+    def stock(name):
+        def sampler(caption):
+            asked.append(caption)
+            return runner.call("KSamplerSelect", sampler_name=name)[0]
+        return sampler
+
+    plain = runner.generate(registry.Personalised(model, clip, prompts))
+    hooked = runner.generate(registry.Personalised(model, clip, prompts, sampler=stock("ddim")))
+    assert asked == prompts and plain.shape == hooked.shape == (4, 64, 64, 3)
+    assert torch.equal(plain, hooked)
+    other = runner.generate(registry.Personalised(model, clip, prompts, sampler=stock("dpmpp_2m")))
+    assert float((other - plain).abs().mean()) > 1e-3
+
+
 class Recording:
     """The evaluator, recording the references every similarity score is computed against."""
 
