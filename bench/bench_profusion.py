@@ -29,12 +29,21 @@ Regimes (``--regimes``):
   PromptNet from it for CLIP ViT-H/14 vision tokens (257 x 1280, random: PromptNet's cost does not depend on their
   values) at each ``--latents`` size; PromptNet's ``region_kernel`` is set so that its latent size equals the
   sampled one (the official PromptNet reads 64x64 latents when SD2 samples 512 px: it runs at the UNet's own
-  resolution). The fixture's UNet is narrow (depth-1 transformers on two levels only) while its text tower is full
-  size, so the text encode weighs far more here than with the real SD2 UNet; the parts column shows by how much.
+  resolution). The fixture's UNet is narrow (320 channels on every level, transformers on two levels) while its
+  text tower is full size, so the text encode weighs more here than with the real SD2 UNet (at 8x8 it dwarfs the
+  UNet: ``--latents 8`` shows it); the parts column shows by how much.
+* **SD 2.x at 512 px, by FLOPs** (printed after the sd2 regime): one evaluation of the real SD 2.x UNet at 64x64
+  latents and one pass of the official-shape PromptNet, counted on the meta device (no weights, no time), with the
+  text encode's FLOPs measured on the fixture's full-size text tower: ``((2m+3)·UNet + (m+1)·(PromptNet + text)) /
+  (2·UNet)``, the analytic ratio at the scale the official PromptNet runs.
 
 Timing: ``measure.interleaved`` (every side once per round, order alternating, GC off) after one warm-up round; per
 round the ratio (side time per step) / (cfg time per step); reported: median [25th-75th percentile] of the per-round
 ratios and the median ms per step. One intra-op thread by default (see bench/README.md, "Threads").
+
+Defaults: mini with N = 2 steps and 5 rounds, sd2 at 32x32 with N = 1 and 3 rounds (``--rounds 5,3 --steps 2,1``),
+about 4 minutes on 2 vCPUs at 1 thread. The exit status is 1 only if a side evaluated the UNet other than 2 (cfg) or
+2m + 3 (Fusion Sampler) times per step; the m = 1 target (≤ 2.5 CFG steps, issue #20) is reported, not gated.
 
 Run: ``python bench/bench_profusion.py`` from the repository root (``make bench`` does, via bench/run_all.py);
 ``--quick`` for a smoke run (mini only, 1 round, 1 step).
@@ -254,9 +263,76 @@ def verdict(rows: list[Row]) -> list[str]:
         met = "met" if r.ratio_median <= TARGET_M1 else "NOT met"
         out.append(f"{r.regime} {r.latent}x{r.latent}: m = 1 step = {r.ratio_median:.2f} CFG steps (target <= "
                    f"{TARGET_M1}: {met}); the 5 UNet evaluations alone are 2.50, the 2 PromptNet passes add "
-                   f"{2 * pn.ratio_median:.2f} (one pass = {pn.ratio_median:.2f} CFG steps, {pn.flops_ratio:.2f} of "
-                   f"its FLOPs: PromptNet is the UNet's encoder half) and the 2 text encodes {2 * te.ratio_median:.2f}")
+                   f"{2 * pn.ratio_median:.2f} (one pass = {pn.ratio_median:.2f} CFG steps of time, "
+                   f"{pn.flops_ratio:.2f} "
+                   f"of FLOPs: PromptNet is the UNet's encoder half) and the 2 text encodes {2 * te.ratio_median:.2f}")
     return out
+
+
+#: SD 2.x's UNet (stabilityai/stable-diffusion-2-1: ComfyUI's detected config), for the FLOP count at 512 px
+SD2_UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+                context_dim=1024, use_linear_in_transformer=True, num_head_channels=64, use_spatial_transformer=True,
+                legacy=False, adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False)
+
+
+def flops_at_512(M, text_flops: float) -> dict:
+    """FLOPs of the parts at the official scale, counted on the meta device (no weights, no time): one SD 2.x UNet
+    evaluation at 64x64 latents (512 px, batch 1, 77 context tokens) and one pass of the official-shape PromptNet
+    (``PromptNet.from_model``'s defaults for 4 levels: downsize 8, region kernel 8; 257 x 1280 CLIP ViT-H/14 tokens);
+    the text encode is the sd2 fixture's measured one (the fixture holds the full 24-layer OpenCLIP ViT-H text
+    tower). Attention is counted through F.scaled_dot_product_attention (the host's CPU default, sub-quadratic
+    attention, asks the allocator for free memory, which the meta device has none of)."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    pn = M["promptnet"]
+    saved = attention.optimized_attention, pn.build_encoder
+    attention.optimized_attention = attention.attention_pytorch
+    original_build = pn.build_encoder
+    pn.build_encoder = lambda config, device=None: original_build(config, "meta")
+    try:
+        with torch.device("meta"):
+            unet = UNetModel(**SD2_UNET, device="meta", operations=comfy.ops.disable_weight_init)
+            x = torch.empty(1, 4, 64, 64)
+            unet_flops = measure.count_flops_and_ops(
+                lambda: unet(x, torch.empty(1), context=torch.empty(1, 77, 1024)))[0]
+            net = pn.PromptNet(family="sd2", unet=pn.encoder_config(SD2_UNET), vision_width=VIT_H_WIDTH,
+                               text_width=1024)
+            pn_flops = measure.count_flops_and_ops(
+                lambda: net(x, torch.empty(1), torch.empty(1, VIT_H_TOKENS, VIT_H_WIDTH), x))[0]
+    finally:
+        attention.optimized_attention, pn.build_encoder = saved
+    cfg_step = 2 * unet_flops
+    out = {"unet_gflop": unet_flops / 1e9, "promptnet_gflop": pn_flops / 1e9, "text_gflop": text_flops / 1e9,
+           "promptnet_params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+           "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6}
+    for m in FUSION_MS:
+        out[f"m={m}"] = ((2 * m + 3) * unet_flops + (m + 1) * (pn_flops + text_flops)) / cfg_step
+    return out
+
+
+def scale_table(s: dict) -> str:
+    lines = [f"SD 2.x at 512 px (64x64 latents), by FLOPs (meta device): UNet evaluation {s['unet_gflop']:.0f} GFLOP "
+             f"({s['unet_params_m']:.0f} M params), PromptNet pass {s['promptnet_gflop']:.0f} GFLOP "
+             f"({s['promptnet_params_m']:.0f} M params; {s['promptnet_gflop'] / s['unet_gflop']:.2f} of a UNet "
+             f"evaluation), text encode {s['text_gflop']:.0f} GFLOP; a CFG step = 2 UNet evaluations"]
+    for m in FUSION_MS:
+        lines.append(f"  Fusion Sampler m={m}: {s[f'm={m}']:.2f} CFG steps of FLOPs ((2m+3) = {2 * m + 3} UNet "
+                     f"evaluations + {m + 1} PromptNet passes and text encodes; UNet alone {(2 * m + 3) / 2:.2f})")
+    return "\n".join(lines)
+
+
+def per_regime(spec: str, n: int) -> list[int]:
+    """"a" or "a,b,..." (one per regime) -> n ints."""
+    vals = [int(p) for p in str(spec).split(",") if p]
+    if len(vals) == 1:
+        return vals * n
+    if len(vals) < n:
+        raise SystemExit(f"{spec!r}: give one value or one per regime ({n})")
+    return vals[:n]
 
 
 def main(argv=None) -> int:
@@ -264,9 +340,12 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default=os.environ.get("COMFYUI_PATH") or None,
                     help="ComfyUI tree (default: $COMFYUI_PATH or the repository's default host)")
     ap.add_argument("--regimes", default="mini,sd2", help="mini (shipped mini model, 8x8), sd2 (tiny SD2 fixture)")
-    ap.add_argument("--latents", default="8,32", help="latent sizes of the sd2 regime (8 = 64 px, 32 = 256 px)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (every side once per round)")
-    ap.add_argument("--steps", type=int, default=2, help="sampling steps N per timed sampling call")
+    ap.add_argument("--latents", default="32", help="latent sizes of the sd2 regime (32 = 256 px; at 8 = 64 px the "
+                                                    "fixture's full-size text tower dwarfs its narrow UNet)")
+    ap.add_argument("--rounds", default="5,3", help="timed rounds per regime (mini, then each sd2 size; one value or "
+                                                    "one per regime): every side once per round")
+    ap.add_argument("--steps", default="2,1", help="sampling steps N per timed sampling call, per regime like "
+                                                   "--rounds")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: stable on a shared 2-core machine, see README)")
     ap.add_argument("--quick", action="store_true", help="smoke run: mini only, 1 round, 1 step")
@@ -276,7 +355,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"bench_profusion: ignoring arguments meant for other benchmarks: {' '.join(unknown)}", flush=True)
     if args.quick:
-        args.regimes, args.rounds, args.steps = "mini", 1, 1
+        args.regimes, args.rounds, args.steps = "mini", "1", "1"
     t_start = time.perf_counter()
 
     def log(msg):
@@ -299,8 +378,11 @@ def _run(args, work: Path, t_start: float, log) -> int:
     torch.manual_seed(0)
     M = pack_modules(h)
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
-    log(f"host {h.path} ({h.version}); torch {torch.__version__}, {args.threads} thread(s); N = {args.steps} "
-        f"step(s), {args.rounds} round(s); regimes {', '.join(regimes)}")
+    sizes = [int(s) for s in args.latents.split(",") if s] if "sd2" in regimes else []
+    n_regimes = int("mini" in regimes) + len(sizes)
+    rounds, steps = per_regime(args.rounds, n_regimes), per_regime(args.steps, n_regimes)
+    log(f"host {h.path} ({h.version}); torch {torch.__version__}, {args.threads} thread(s); N = {steps} "
+        f"step(s), {rounds} round(s); regimes {', '.join(regimes)}")
     rows = []
     PromptNet = M["promptnet"].PromptNet
     if "mini" in regimes:
@@ -313,9 +395,10 @@ def _run(args, work: Path, t_start: float, log) -> int:
             net = PromptNet.from_model(model, family=M["host"].model_family(model), vision_width=width, seed=1)
             ref = pf.encode_reference(subject_images(1, 64)[0][:1], net, vae, tower)
         size = net.latent_size
-        log(f"mini: {M['host'].model_family(model)} UNet {sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6:.1f} M "
+        unet_m = sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6
+        log(f"mini: {M['host'].model_family(model)} UNet {unet_m:.1f} M "
             f"params, PromptNet {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M ({net.describe()})")
-        rows += run_regime(Regime(M, "mini", model, clip, net, ref, size, args.steps), args.rounds, log)
+        rows += run_regime(Regime(M, "mini", model, clip, net, ref, size, steps.pop(0)), rounds.pop(0), log)
     if "sd2" in regimes:
         from harness import fixtures
         ckpt = fixtures.ensure_checkpoint("sd2", REPO / ".cache" / "fixtures")
@@ -325,7 +408,7 @@ def _run(args, work: Path, t_start: float, log) -> int:
         h.refresh_model_lists()
         model, clip = call_node("CheckpointLoaderSimple", ckpt_name=ckpt.name)[:2]
         pf = M["profusion"]
-        for size in [int(s) for s in args.latents.split(",") if s]:
+        for size in sizes:
             with torch.inference_mode():
                 # downsize 8 (official, 4 levels); region_kernel so that PromptNet reads latents of the sampled size
                 net = PromptNet.from_model(model, family=M["host"].model_family(model), vision_width=VIT_H_WIDTH,
@@ -335,21 +418,28 @@ def _run(args, work: Path, t_start: float, log) -> int:
                                    torch.randn(1, VIT_H_TOKENS, VIT_H_WIDTH, generator=g), net.latent_size, VIT_H_WIDTH)
             log(f"sd2 {size}x{size}: UNet {sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6:.1f} "
                 f"M params, PromptNet {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M ({net.describe()})")
-            rows += run_regime(Regime(M, "sd2", model, clip, net, ref, size, args.steps), args.rounds, log)
+            rows += run_regime(Regime(M, "sd2", model, clip, net, ref, size, steps.pop(0)), rounds.pop(0), log)
+        text = next(r for r in rows if r.regime == "sd2" and r.workload == "text encode with S*")
+        scale = flops_at_512(M, text.gflops * 1e9)
 
     print()
     print(f"ProFusion benchmark: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{args.threads} intra-op thread(s), fp32, batch 1, host {h.path} ({h.version})")
-    print(f"ratio: (time per step) / (time per step of stock ddim via sample_custom over the same N = {args.steps} "
-          f"steps, cfg {CFG}); median of per-round ratios over interleaved rounds [25th-75th pct]; ms/step: median.")
+    print(f"ratio: (time per step) / (time per step of stock ddim via sample_custom over the same N steps (mini "
+          f"{args.steps.split(',')[0]}), cfg {CFG}); median of per-round ratios over interleaved rounds [25th-75th "
+          "pct]; ms/step: median.")
     print("expected: analytic (2m+3)/2 (UNet evaluations; a CFG step = 2) / parts: + (m+1) x (PromptNet pass + text "
           "encode) / CFG step, from the indented component rows. FLOPs ratio: FLOPs per step / a CFG step's.")
     print(table(rows))
     for line in verdict(rows):
         print(line)
+    if "sd2" in regimes:
+        print()
+        print(scale_table(scale))
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows],
+                                               "sd2_512_flops": scale if "sd2" in regimes else None}, indent=1))
     bad = [r for r in rows if r.unet_evals is not None and r.unet_evals != (
         2 if r.workload == "cfg" else 2 * int(r.workload.rsplit("=", 1)[1]) + 3)]
     if bad:

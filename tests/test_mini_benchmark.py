@@ -287,3 +287,51 @@ def test_quick_one_image_evaluation(host, bench, shipped, evaluator):
     for row in rows:
         assert all(torch.isfinite(torch.tensor(v)).all() for v in row.per_subject.values())
     assert rows[0].subject_fidelity > 0.8 > rows[1].subject_fidelity  # the ceiling is the ceiling
+
+
+PROFUSION_NODES = ("PersonalizeProFusionTune", "PersonalizePromptNetEncode")
+
+
+def test_quick_one_image_profusion_rows(host, bench, shipped, evaluator, monkeypatch):
+    """ProFusion's rows on the one-image protocol (one subject, 4 tuning steps, 5 sampling steps): ProFusion Tune and
+    PromptNet Encode get view 0 alone, each caption is sampled through the Fusion Sampler node (the placeholder in
+    the caption, the class word with its article, the row's m) in SamplerCustom, and the table says "no" for the
+    encoder rows' tuning and "yes" for the tuned row, with their seconds and bytes; the tuned row's bytes hold the
+    tuned PromptNet and q/k/v deltas, the encoder rows' only the reference."""
+    import nodes
+    report = pack_module(host, "miniworld.report")
+    rows_pf = pack_module(host, "miniworld.rows.profusion")
+    monkeypatch.setattr(rows_pf, "TUNE_STEPS", 4)
+    _, (model, clip, vae) = shipped
+    cfg = bench.replace(bench.quick_one_image_config(), sampler_steps=5)
+    runner = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, evaluator, cfg, run_name="ci_pf")
+    given, fusion = [], []
+
+    def call(class_type, **inputs):
+        if class_type in PROFUSION_NODES:
+            given.append((class_type, inputs["image"]))
+        if class_type == "PersonalizeFusionSampler":
+            fusion.append((inputs["prompt"], inputs["class_word"], inputs["m"]))
+        return bench.call(runner.nodes, class_type, **inputs)
+
+    runner.call = call
+    draws = bench.pick_draws(cfg)
+    (heldout,) = draws[0]
+    keys = ("profusion-m0", "profusion", "profusion-tune")
+    assert bench.one_image(bench.BenchConfig()).method_keys()[-3:] == keys  # in `make eval`'s one-image table
+    rows = runner.run(methods=keys, draws=draws)
+    assert [c for c, _ in given] == ["PersonalizePromptNetEncode"] * 2 + list(PROFUSION_NODES)
+    assert all(torch.equal(image, heldout.references[0].image[None]) for _, image in given)
+    word = f"{bench.world.article(heldout.class_word)} {heldout.class_word}"
+    scenes = len(heldout.scenes)
+    assert len(fusion) == 3 * scenes
+    assert [m for _, _, m in fusion] == [0] * scenes + [1] * 2 * scenes
+    assert all(w == word and p.startswith("a photo of holder ") for p, w, _ in fusion)
+    table = report.format_one_image_table(rows, cfg, [heldout.subject.name])
+    log.info("\n%s", table)
+    cells = [[c.strip() for c in line[2:-2].split(" | ")] for line in table.splitlines()[2:5]]
+    assert [c[6] for c in cells] == ["no", "no", "yes"]
+    assert [r.tuned for r in rows] == [False, False, True] and all(r.tune_seconds > 0 for r in rows)
+    assert rows[0].bytes_per_subject == rows[1].bytes_per_subject < 100_000 < 10 ** 6 < rows[2].bytes_per_subject
+    for row in rows:
+        assert all(torch.isfinite(torch.tensor(v)).all() for v in row.per_subject.values())
