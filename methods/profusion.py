@@ -215,6 +215,11 @@ class FusionConditions:
     def references(self) -> int:
         return 1 + len(self.extra_scales)
 
+    def bind(self, base_model, device: torch.device | None = None) -> None:
+        """Called by :func:`sample_fusion` with the guider's model (the host's ``BaseModel``) and the sampling
+        device before the first step: a provider that needs the MODEL (its latent format, a compatibility check)
+        takes it here. Default: nothing."""
+
     def fusion_contexts(self, x_t: torch.Tensor, sigma: float, timestep: float, gamma: float) -> list:
         raise NotImplementedError
 
@@ -421,6 +426,7 @@ def sample_fusion(model, x, sigmas, extra_args=None, callback=None, disable=None
     base = guider.inner_model
     check_model_sampling(base.model_sampling)
     t0 = time.perf_counter()
+    conditions.bind(base, x.device)
     evaluate = HostBranches(guider, extra_args, x, conditions, getattr(model, "latent_image", None))
     ms = base.model_sampling
 
@@ -602,10 +608,14 @@ class PromptNetConditions(FusionConditions):
     """The provider that runs PromptNet at every fusion iteration and refinement (S* depends on x_t and t, §5.3):
     ``Enc(P_S)`` is the prompt with the placeholder encoded with S*(x_t, t) (:class:`PlaceholderPrompt`), and
     ``Enc_γ`` scales its S* row by γ (§5.4, §5.10.1). One reference per :class:`Reference`; references after the
-    first come with their scales s_k (official ``extra_ref_image_scales``)."""
+    first come with their scales s_k (official ``extra_ref_image_scales``).
+
+    The MODEL comes at sampling time (:meth:`bind`, called by :func:`sample_fusion` with the guider's model): the
+    PromptNet is checked against it and moved to the sampling device (float32); ``base_model`` given here binds at
+    once (scripts and tests that call the provider directly)."""
 
     def __init__(self, promptnet, references: list, clip, text: str, class_word: str, negative: list | None,
-                 base_model, placeholder: str = PLACEHOLDER, extra_scales=()):
+                 base_model=None, placeholder: str = PLACEHOLDER, extra_scales=()):
         if not references:
             raise PersonalizeError(f"{NODE}: connect a PROFUSION_REFERENCE (PromptNet Encode).")
         for ref in references:
@@ -615,7 +625,7 @@ class PromptNetConditions(FusionConditions):
                                    "with the prompt where it replaces the placeholder.")
         if len(extra_scales) != len(references) - 1:
             raise PersonalizeError(f"{NODE}: {len(references)} references need {len(references) - 1} extra scale(s).")
-        self.promptnet, self.refs, self.base_model = promptnet, list(references), base_model
+        self.promptnet, self.refs, self.base_model = promptnet, list(references), None
         self.extra_scales = tuple(float(s) for s in extra_scales)
         self.template = PlaceholderPrompt(clip, text, placeholder)
         promptnet.check_text(self.template.width, NODE)
@@ -624,8 +634,23 @@ class PromptNetConditions(FusionConditions):
         self.class_prompt = _conditioning(clip, clip.tokenize(class_text))
         self.negative = negative if negative is not None else _conditioning(clip, clip.tokenize(""))
         self.calls = 0
+        if base_model is not None:
+            self.bind(base_model)
+
+    def bind(self, base_model, device=None) -> None:
+        """Refuse a MODEL the PromptNet was not made for (naming the fix), then keep the model (its
+        ``process_latent_in``) and move the PromptNet to ``device`` in float32 (in place: the loader's object)."""
+        self.promptnet.check_model(base_model, NODE)
+        self.base_model = base_model
+        param = next(self.promptnet.parameters())
+        device = torch.device(device) if device is not None else param.device
+        if param.device != device or param.dtype != torch.float32:
+            self.promptnet.to(device=device, dtype=torch.float32)
 
     def _contexts(self, x_t, timestep) -> list:
+        if self.base_model is None:
+            raise PersonalizeError(f"{NODE}: the PromptNet conditions were used before a MODEL was bound; sample "
+                                   "through SamplerCustom / SamplerCustomAdvanced (or call bind(model)).")
         t = torch.full((x_t.shape[0],), float(timestep))
         out = []
         with torch.no_grad():

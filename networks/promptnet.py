@@ -68,12 +68,20 @@ def encoder_config(unet_config: dict) -> dict:
     return out
 
 
+def base_model(model):
+    """The host's ``BaseModel`` of a MODEL: a ModelPatcher's ``.model``, or the BaseModel itself (what a sampler's
+    guider holds as ``inner_model``)."""
+    return model if hasattr(model, "diffusion_model") else getattr(model, "model", model)
+
+
 def model_unet_config(model) -> dict:
-    """The ``unet_config`` of a MODEL (ModelPatcher), refused unless it is a ``UNetModel`` PromptNet can copy."""
-    config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
-    unet = getattr(model.model, "diffusion_model", None)
+    """The ``unet_config`` of a MODEL (ModelPatcher, or its ``BaseModel``), refused unless it is a ``UNetModel``
+    PromptNet can copy."""
+    base = base_model(model)
+    config = getattr(getattr(base, "model_config", None), "unet_config", None)
+    unet = getattr(base, "diffusion_model", None)
     if config is None or unet is None or not hasattr(unet, "input_blocks") or not hasattr(unet, "middle_block"):
-        raise PersonalizeError(f"PromptNet: this MODEL ({type(model.model).__name__}) is not a Stable-Diffusion-style "
+        raise PersonalizeError(f"PromptNet: this MODEL ({type(base).__name__}) is not a Stable-Diffusion-style "
                                "UNet. PromptNet supports SD1.x, SD2.x and the mini family; load such a checkpoint.")
     if config.get("adm_in_channels") or config.get("num_classes"):
         raise PersonalizeError("PromptNet: this MODEL has class/ADM conditioning (SDXL and its relatives), which "
@@ -222,7 +230,7 @@ class PromptNet(Network):
         net = cls(family=family, unet=config, vision_width=vision_width,
                   text_width=text_width or config["context_dim"], head_width=head_width, downsize=downsize,
                   region_kernel=region_kernel, seed=seed)
-        source = model.model.diffusion_model.state_dict()
+        source = base_model(model).diffusion_model.state_dict()
         own = net.encoder.state_dict()
         with torch.no_grad():
             for key, value in own.items():
@@ -231,7 +239,8 @@ class PromptNet(Network):
 
     # -- compatibility ----------------------------------------------------------------------------------------
     def check_model(self, model, what: str = "PromptNet") -> None:
-        """Refuse a MODEL whose UNet is not the one this PromptNet was built for (family, widths), naming the fix."""
+        """Refuse a MODEL (ModelPatcher or its ``BaseModel``) whose UNet is not the one this PromptNet was built for
+        (family, widths), naming the fix."""
         theirs = encoder_config(model_unet_config(model))
         if theirs != self.unet_config:
             diff = sorted(k for k in set(theirs) | set(self.unet_config) if theirs.get(k) != self.unet_config.get(k))

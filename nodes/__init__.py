@@ -5,10 +5,10 @@ Node ids (``io.Schema.node_id``) and input names are a public API: add and depre
 (tests/test_node_api.py holds them to the definitions of the V1 pack, tests/data/node_api_v1.json).
 Imported by the pack's ``comfy_entrypoint`` when ComfyUI loads the pack, never at the pack's import.
 """
-from . import hifi, images, inversion, mini, profusion_tune, training, utility
+from . import hifi, images, inversion, mini, profusion, profusion_tune, training, utility
 
 NODES = [*training.NODES, *hifi.NODES, *inversion.NODES, *images.NODES, *utility.NODES, *mini.NODES,
-         *profusion_tune.NODES]
+         *profusion.NODES, *profusion_tune.NODES]
 
 
 def register_folders() -> None:

@@ -17,7 +17,8 @@ CATEGORY = "personalize"
 LossMap = io.LossMap
 HiFiSubject = io.Custom("HIFI_SUBJECT")  # methods.hifi_tuner.Subject: global + step-wise rows
 Inversion = io.Custom("INVERSION")  # methods.inversion.Inversion: trajectory, schedule, per-step null-text embeddings
-PromptNet = io.Custom("PROMPTNET")
+PromptNet = io.Custom("PROMPTNET")  # networks.promptnet.PromptNet: ProFusion's encoder of S*
+ProFusionReference = io.Custom("PROFUSION_REFERENCE")  # methods.profusion.Reference: reference latent + CLIP tokens
 
 MIXED_PRECISION = ["auto", "no", "bf16", "fp16"]
 

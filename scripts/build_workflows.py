@@ -313,6 +313,86 @@ def _mini_demo_graph() -> list:
     return graph
 
 
+PROMPTNET_MINI = "mini_world_promptnet.safetensors"  # models/promptnet of the pack (scripts/pretrain_promptnet.py)
+CLIP_VISION_MINI = "mini_world_clip_vision.safetensors"  # models/clip_vision of the pack (pretrain_clip_vision.py)
+# Fusion Sampler on the mini model: the official notebook's m, γ and η_fuse; the guidance scales brought down in the
+# notebook's proportions (ω1 : ω2 : ω_f = 7 : 5 : 7) to the mini-world benchmark's cfg 5 (BenchConfig.cfg).
+FUSION_MINI = {"omega1": 5.0, "omega2": 3.5, "m": 1, "gamma": 0.6, "omega_f": 5.0, "eta_fuse": 1.0}
+
+
+def profusion_encode_mini() -> list:
+    """One reference view of the shipped subject -> PromptNet Encode -> Fusion Sampler -> stock SamplerCustom on
+    ddim_uniform SIGMAS (20 steps, the mini-world benchmark's), no tuning (the pre-trained mini PromptNet)."""
+    return [
+        _loader(MINI), _subject(MINI),
+        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, "One reference view"),
+        (4, "PersonalizeLoadMiniCLIPVision", {"clip_name": CLIP_VISION_MINI},
+         "Load Mini CLIP Vision (swap for Load CLIP Vision)"),
+        (5, "PersonalizePromptNetLoader", {"promptnet_name": PROMPTNET_MINI}, None),
+        (6, "PersonalizePromptNetEncode", {"image": (3, 0), "promptnet": (5, 0), "vae": (1, 2),
+                                           "clip_vision": (4, 0)}, None),
+        (7, "PersonalizeFusionSampler", {
+            "promptnet": (5, 0), "reference": (6, 0), "clip": (1, 1), "prompt": "a photo of holder on the beach",
+            "class_word": CLASS_WORD, "placeholder": "holder", **FUSION_MINI, "scale_2": 3.0, "scale_3": 3.0}, None),
+        (8, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Unused (SamplerCustom needs a prompt)"),
+        (9, "BasicScheduler", {"model": (1, 0), "scheduler": "ddim_uniform", "steps": MINI.ddim_steps,
+                               "denoise": 1.0}, None),
+        (10, "EmptyLatentImage", {"width": MINI.size, "height": MINI.size, "batch_size": MINI.batch}, None),
+        (11, "SamplerCustom", {"model": (1, 0), "add_noise": True, "noise_seed": 42, "cfg": MINI.cfg,
+                               "positive": (8, 0), "negative": (8, 0), "sampler": (7, 0), "sigmas": (9, 0),
+                               "latent_image": (10, 0)}, None),
+        (12, "VAEDecode", {"samples": (11, 0), "vae": (1, 2)}, None),
+        (13, "SaveImage", {"images": (12, 0), "filename_prefix": "personalize/profusion_encode_mini"}, None),
+        (14, "SaveImage", {"images": (3, 0), "filename_prefix": "personalize/profusion_encode_mini_reference"},
+         None),
+    ]
+
+
+# ProFusion Tune on the mini model: the official batch, copies and step count; the learning rate ours (the official
+# 2e-5 is SD2's; the mini family's tuning runs at higher rates: LoRA 6e-3, Textual Inversion 5e-3) - UNCONFIRMED.
+PROFUSION_TUNE_MINI = {"steps": 100, "learning_rate": 1e-4, "batch_size": 4, "augmented_copies": 31,
+                       "tune_unet_qkv": True}
+
+
+def profusion_tune_mini() -> list:
+    """ProFusion Tune on one reference view (the tuned PROMPTNET and MODEL) -> PromptNet Encode of the same view ->
+    Fusion Sampler in SamplerCustom with the tuned MODEL; and the tuned MODEL alone in a plain KSampler with the
+    class-word prompt, for comparison; the tuning loss."""
+    return [
+        _loader(MINI), _subject(MINI),
+        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, "One reference view"),
+        (4, "PersonalizeLoadMiniCLIPVision", {"clip_name": CLIP_VISION_MINI},
+         "Load Mini CLIP Vision (swap for Load CLIP Vision)"),
+        (5, "PersonalizePromptNetLoader", {"promptnet_name": PROMPTNET_MINI}, None),
+        (6, "PersonalizeProFusionTune", {
+            "promptnet": (5, 0), "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "clip_vision": (4, 0),
+            "image": (3, 0), **PROFUSION_TUNE_MINI, "seed": 0, "gradient_checkpointing": False,
+            "mixed_precision": "auto", "preview_every": 0, "prompt": "a photo of holder"}, None),
+        (7, "PersonalizePromptNetEncode", {"image": (3, 0), "promptnet": (6, 0), "vae": (1, 2),
+                                           "clip_vision": (4, 0)}, None),
+        (8, "PersonalizeFusionSampler", {
+            "promptnet": (6, 0), "reference": (7, 0), "clip": (1, 1), "prompt": "a photo of holder on the beach",
+            "class_word": CLASS_WORD, "placeholder": "holder", **FUSION_MINI, "scale_2": 3.0, "scale_3": 3.0}, None),
+        (9, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
+        (10, "BasicScheduler", {"model": (6, 1), "scheduler": "ddim_uniform", "steps": MINI.ddim_steps,
+                                "denoise": 1.0}, None),
+        (11, "EmptyLatentImage", {"width": MINI.size, "height": MINI.size, "batch_size": MINI.batch}, None),
+        (12, "SamplerCustom", {"model": (6, 1), "add_noise": True, "noise_seed": 42, "cfg": MINI.cfg,
+                               "positive": (9, 0), "negative": (9, 0), "sampler": (8, 0), "sigmas": (10, 0),
+                               "latent_image": (11, 0)}, None),
+        (13, "VAEDecode", {"samples": (12, 0), "vae": (1, 2)}, None),
+        (14, "SaveImage", {"images": (13, 0), "filename_prefix": "personalize/profusion_tune_mini"}, None),
+        (15, "CLIPTextEncode", {"clip": (1, 1), "text": f"a photo of a {CLASS_WORD} on the beach"},
+         "Positive (class word, no S*)"),
+        (16, "KSampler", _ksampler((6, 1), (15, 0), (9, 0), (11, 0), 42, MINI, ddim=True),
+         "Tuned MODEL alone (plain KSampler)"),
+        (17, "VAEDecode", {"samples": (16, 0), "vae": (1, 2)}, None),
+        (18, "SaveImage", {"images": (17, 0), "filename_prefix": "personalize/profusion_tune_mini_ksampler"}, None),
+        (19, "PersonalizeLossGraph", {"loss": (6, 2), "width": 512, "height": 256}, None),
+        (20, "SaveImage", {"images": (19, 0), "filename_prefix": "personalize/profusion_tune_mini_loss"}, None),
+    ]
+
+
 MINI_NOTE = (f"Runs offline, out of the box: the pack's mini model (64 px) and the subject the pack ships "
              f"(subjects/{SUBJECT}: four views of a mini-world subject the model never saw in pre-training), with "
              "the mini-world benchmark's settings. For a real model, open the _sd15 version of this workflow.")
@@ -416,6 +496,10 @@ GRAPHS = {
     ]),
     "mini_world_demo": ("Personalise a held-out mini-world subject (HiFi Tuner) and place it in new scenes "
                         "(make demo)", True, _mini_demo_graph()),
+    "profusion_encode_mini": ("ProFusion: one reference image, PromptNet's word in the prompt, Fusion Sampling "
+                              "(the mini model, offline, no tuning)", False, profusion_encode_mini()),
+    "profusion_tune_mini": ("ProFusion: tune PromptNet and the UNet's q/k/v on one image, then Fusion Sampling (the "
+                            "mini model, offline)", False, profusion_tune_mini()),
 }
 for _method, (_title, _graph_of) in METHODS.items():
     for _kind, _target in TARGETS.items():
@@ -443,6 +527,27 @@ GROUPS = {
         ("2. Place it in new scenes", [4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 30, 31, 40], None),
     ],
     **{f"{m}_{k}": _groups(m, t) for m in METHODS for k, t in TARGETS.items()},
+    "profusion_encode_mini": [
+        ("1. One reference image for PromptNet", [1, 2, 3, 4, 5, 6, 14],
+         "Runs offline on the pack's mini model (64 px), its CLIP vision tower and the PromptNet pre-trained on the "
+         f"mini world (models/promptnet), with one view of the subject the pack ships (subjects/{SUBJECT}). For a "
+         "real model: Load Checkpoint, Load CLIP Vision and a PromptNet made for that checkpoint (the official one is "
+         "SD2-base with OpenCLIP ViT-H/14: scripts/convert_profusion.py), 512 px."),
+        ("2. Fusion Sampling with stock SamplerCustom", [7, 8, 9, 10, 11, 12, 13],
+         "Write 'holder' where the subject goes and its class in class_word. PromptNet computes the subject's word "
+         "at every step from the reference and the noisy image. SamplerCustom's own prompts and cfg are not used."),
+    ],
+    "profusion_tune_mini": [
+        ("1. Tune PromptNet and the UNet's q/k/v on one image (ProFusion Tune)", [1, 2, 3, 4, 5, 6, 19, 20],
+         "Runs offline on the pack's mini model (64 px), its CLIP vision tower and the PromptNet pre-trained on the "
+         f"mini world, with one view of the subject the pack ships (subjects/{SUBJECT}): ProFusion Tune trains a "
+         "copy of PromptNet and q/k/v deltas of the MODEL on it and 31 augmented copies (the official 100 steps, "
+         "batch 4; learning rate 1e-4 on the mini model, the official 2e-5 is SD2's)."),
+        ("2. Fusion Sampling with the tuned PromptNet and MODEL", [7, 8, 9, 10, 11, 12, 13, 14],
+         "Encode the same image for the tuned PromptNet; sample with the tuned MODEL. SamplerCustom's own prompts "
+         "and cfg are not used (the Fusion Sampler has its own)."),
+        ("3. For comparison: the tuned MODEL alone, class-word prompt", [15, 16, 17, 18], None),
+    ],
 }
 
 

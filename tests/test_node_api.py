@@ -32,7 +32,8 @@ COMPARED_OPTIONS = ("default", "min", "max", "step", "round", "multiline", "forc
 # Combos whose options are the files of a model folder (they depend on the machine, not on the pack).
 FOLDER_COMBOS = {("PersonalizeLoadMiniModel", "ckpt_name"): "personalize_mini",
                  ("PersonalizeHiFiLoadSubject", "subject_file"): "personalize_subjects",
-                 ("PersonalizeLoadMiniCLIPVision", "clip_name"): "personalize_clip_vision"}
+                 ("PersonalizeLoadMiniCLIPVision", "clip_name"): "personalize_clip_vision",
+                 ("PersonalizePromptNetLoader", "promptnet_name"): "promptnet"}
 
 
 def _input(node_id: str, name: str, spec) -> dict:

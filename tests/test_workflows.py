@@ -29,9 +29,12 @@ def _values(node: dict, mappings: dict) -> dict:
 
 
 def test_there_are_workflows():
-    """Two per method (mini model, SD1.5) and the mini-world sample and demo."""
+    """Two per method (mini model, SD1.5), the mini-world sample and demo, and ProFusion's two on the mini model (its
+    official weights are SD2's: a real-model ProFusion workflow would need a converted PromptNet that no download
+    provides)."""
     assert {p.stem for p in WORKFLOWS} == ({f"{m}_{k}" for m in METHODS for k in ("mini", "sd15")}
-                                           | {"mini_world_sample", "mini_world_demo"})
+                                           | {"mini_world_sample", "mini_world_demo", "profusion_encode_mini",
+                                              "profusion_tune_mini"})
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -65,6 +68,10 @@ def test_mini_workflows_need_only_what_the_pack_ships(host, path):
             assert values["ckpt_name"] == "mini_world.safetensors"
         if node["type"] == "PersonalizeLoadSubjectImages":
             assert values["folder"] in (SHIPPED_SUBJECT, SHIPPED_PHOTO) and values["size"] == 64
+        if node["type"] == "PersonalizePromptNetLoader":
+            assert values["promptnet_name"] == "mini_world_promptnet.safetensors"
+        if node["type"] == "PersonalizeLoadMiniCLIPVision":
+            assert values["clip_name"] == "mini_world_clip_vision.safetensors"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -103,11 +110,7 @@ def test_no_workflow_reads_a_file_its_own_run_writes(host, path):
 #: Nodes whose first workflow comes with the method that consumes them (node id -> why). Each must still be missing
 #: from every workflow (the test fails once one uses it, so the entry is removed then) and run by the executor in a
 #: test of its own.
-FIRST_WORKFLOW_PENDING = {
-    # Its CLIP_VISION feeds PromptNet Encode (ProFusion, issue #20); no stock node gives a useful picture from it
-    # on an SD1-architecture model. tests/test_mini_clip_vision.py runs it through the executor.
-    "PersonalizeLoadMiniCLIPVision": "ProFusion's workflows",
-}
+FIRST_WORKFLOW_PENDING: dict = {}
 
 
 def test_every_pack_node_is_in_a_workflow(host):
