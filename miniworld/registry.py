@@ -58,9 +58,9 @@ class MethodRow:
     baseline: bool = False   # a row methods claim to beat: every tuned row gets a paired difference against it
     default: bool = True     # in `make eval`'s rows without --methods (False: opt-in diagnostics)
     bench: tuple[str, ...] = ()  # `make bench` scripts (repository paths) timing this method's steps
-    protocols: tuple[str, ...] = ("multi", "one")  # the protocols whose default rows include it (BenchConfig.protocol;
-    #                            ("one",): a one-image method such as ProFusion, which reads one view whatever it is
-    #                            handed)
+    protocols: tuple[str, ...] = ("multi", "one")  # the protocols it runs under (BenchConfig.method_keys drops it
+    #                            from the others' rows, listed or not); ("one",): a one-image method such as ProFusion,
+    #                            which reads one view whatever it is handed
 
 
 def register(key: str, title: str, **flags) -> Callable:
@@ -103,8 +103,7 @@ def keys(**flags) -> tuple[str, ...]:
 
 
 def runs_under(key: str, protocol: str) -> bool:
-    """Whether row ``key`` is among the default rows of ``protocol`` ("multi", "one" or "k of n", which counts as
-    multi)."""
+    """Whether row ``key`` runs under ``protocol`` ("multi", "one" or "k of n", which counts as multi)."""
     return ("one" if protocol == "one" else "multi") in get(key).protocols
 
 
