@@ -72,7 +72,16 @@ def fusion_sampler(bench, promptnet, reference, heldout, m: int):
     return sampler
 
 
-def profusion(bench, heldout, index, *, m: int = 1, tune: bool = False):
+def tune_prompt(heldout, kind: str) -> str:
+    """ProFusion Tune's prompt: ``"official"`` ``"a photo of holder"`` (the node's default), or ``"caption"`` the
+    seen view's caption in the form PromptNet was pre-trained on, ``"a photo of holder on the beach"``."""
+    if kind == "official":
+        return f"a photo of {PLACEHOLDER}"
+    return f"a photo of {PLACEHOLDER} {world.SCENE_PHRASES[heldout.references[0].scene]}"
+
+
+def profusion(bench, heldout, index, *, m: int = 1, tune: bool = False, prompt: str = "official",
+              learning_rate: float | None = None):
     images, _masks = bench.references(heldout)
     image = images[:1]  # ProFusion reads one image: view 0
     promptnet = bench.call("PersonalizePromptNetLoader", promptnet_name=PROMPTNET)[0]
@@ -82,8 +91,9 @@ def profusion(bench, heldout, index, *, m: int = 1, tune: bool = False):
     if tune:
         promptnet, model, _loss, _previews = bench.call(
             "PersonalizeProFusionTune", promptnet=promptnet, model=bench.model, clip=bench.clip, vae=bench.vae,
-            clip_vision=clip_vision, image=image, steps=TUNE_STEPS, learning_rate=TUNE_LR, batch_size=TUNE_BATCH,
-            augmented_copies=TUNE_COPIES, tune_unet_qkv=True, seed=bench.cfg.seed + index)
+            clip_vision=clip_vision, image=image, steps=TUNE_STEPS, learning_rate=learning_rate or TUNE_LR,
+            batch_size=TUNE_BATCH, augmented_copies=TUNE_COPIES, tune_unet_qkv=True, seed=bench.cfg.seed + index,
+            prompt=tune_prompt(heldout, prompt))
         nbytes += tensor_bytes(list(promptnet.state_dict().values())) + tensor_bytes(model.patches)
     (reference,) = bench.call("PersonalizePromptNetEncode", image=image, promptnet=promptnet, vae=bench.vae,
                               clip_vision=clip_vision)
@@ -96,7 +106,12 @@ def profusion(bench, heldout, index, *, m: int = 1, tune: bool = False):
 for _order, _key, _title, _kw in (
         (70, "profusion-m0", "ProFusion, PromptNet only (m=0)", {"m": 0}),
         (71, "profusion", "ProFusion, PromptNet only (m=1)", {"m": 1}),
-        (72, "profusion-tune", "ProFusion Tune + Fusion Sampler", {"m": 1, "tune": True})):
+        (72, "profusion-tune", "ProFusion Tune + Fusion Sampler", {"m": 1, "tune": True}),
+        # opt-in diagnostics (--methods ...): the tuning prompt in the pre-training captions' form, a larger step
+        (73, "profusion-tune-caption", "ProFusion Tune (caption prompt) + Fusion Sampler",
+         {"m": 1, "tune": True, "prompt": "caption"}),
+        (74, "profusion-tune-lr1e-4", "ProFusion Tune (lr 1e-4) + Fusion Sampler",
+         {"m": 1, "tune": True, "learning_rate": 1e-4})):
     register(_key, _title, order=_order, tuned=_kw.get("tune", False), personalises=True, protocols=("one",),
-             bench=("bench/bench_profusion.py",) if _key == "profusion" else ())(
+             default=_order <= 72, bench=("bench/bench_profusion.py",) if _key == "profusion" else ())(
         functools.partial(profusion, **_kw))
