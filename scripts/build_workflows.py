@@ -393,6 +393,53 @@ def profusion_tune_mini() -> list:
     ]
 
 
+def _profusion_demo_graph() -> list:
+    """make demo's second grid: ProFusion from ONE reference view of the held-out subject - ProFusion Tune (the mini
+    settings of profusion_tune_mini) -> PromptNet Encode -> per new scene a Fusion Sampler in SamplerCustom."""
+    graph = [
+        _loader(MINI),
+        (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, "Reference views (held-out subject)"),
+        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, "One reference view"),
+        (4, "PersonalizeLoadMiniCLIPVision", {"clip_name": CLIP_VISION_MINI},
+         "Load Mini CLIP Vision (swap for Load CLIP Vision)"),
+        (5, "PersonalizePromptNetLoader", {"promptnet_name": PROMPTNET_MINI}, None),
+        (6, "PersonalizeProFusionTune", {
+            "promptnet": (5, 0), "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "clip_vision": (4, 0),
+            "image": (3, 0), **PROFUSION_TUNE_MINI, "seed": 0, "gradient_checkpointing": False,
+            "mixed_precision": "auto", "preview_every": 0, "prompt": "a photo of holder"}, None),
+        (7, "PersonalizePromptNetEncode", {"image": (3, 0), "promptnet": (6, 0), "vae": (1, 2),
+                                           "clip_vision": (4, 0)}, None),
+        (8, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Unused (SamplerCustom needs a prompt)"),
+        (9, "BasicScheduler", {"model": (6, 1), "scheduler": "ddim_uniform", "steps": MINI.ddim_steps,
+                               "denoise": 1.0}, None),
+        (10, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
+    ]
+    decoded = []
+    for k, scene in enumerate(MINI_SCENES):
+        fs, samp, dec = 11 + 3 * k, 12 + 3 * k, 13 + 3 * k
+        graph += [
+            (fs, "PersonalizeFusionSampler", {
+                "promptnet": (6, 0), "reference": (7, 0), "clip": (1, 1), "prompt": f"a photo of holder {scene}",
+                "class_word": CLASS_WORD, "placeholder": "holder", **FUSION_MINI, "scale_2": 3.0, "scale_3": 3.0},
+             f"Fusion Sampler: {scene}"),
+            (samp, "SamplerCustom", {"model": (6, 1), "add_noise": True, "noise_seed": 7 + k, "cfg": MINI.cfg,
+                                     "positive": (8, 0), "negative": (8, 0), "sampler": (fs, 0), "sigmas": (9, 0),
+                                     "latent_image": (10, 0)}, None),
+            (dec, "VAEDecode", {"samples": (samp, 0), "vae": (1, 2)}, None),
+        ]
+        decoded.append(dec)
+    batch_id, previous = 30, decoded[0]
+    for dec in decoded[1:]:
+        graph.append((batch_id, "ImageBatch", {"image1": (previous, 0), "image2": (dec, 0)}, None))
+        previous, batch_id = batch_id, batch_id + 1
+    graph += [
+        (40, "SaveImage", {"images": (previous, 0), "filename_prefix": "personalize/mini_world_demo_profusion"}, None),
+        (41, "SaveImage", {"images": (3, 0), "filename_prefix": "personalize/mini_world_demo_profusion_references"},
+         None),
+    ]
+    return graph
+
+
 MINI_NOTE = (f"Runs offline, out of the box: the pack's mini model (64 px) and the subject the pack ships "
              f"(subjects/{SUBJECT}: four views of a mini-world subject the model never saw in pre-training), with "
              "the mini-world benchmark's settings. For a real model, open the _sd15 version of this workflow.")
@@ -496,6 +543,9 @@ GRAPHS = {
     ]),
     "mini_world_demo": ("Personalise a held-out mini-world subject (HiFi Tuner) and place it in new scenes "
                         "(make demo)", True, _mini_demo_graph()),
+    "mini_world_demo_profusion": ("Personalise a held-out mini-world subject from ONE image (ProFusion: Tune, then "
+                                  "Fusion Sampling) and place it in new scenes (make demo)", True,
+                                  _profusion_demo_graph()),
     "profusion_encode_mini": ("ProFusion: one reference image, PromptNet's word in the prompt, Fusion Sampling "
                               "(the mini model, offline, no tuning)", False, profusion_encode_mini()),
     "profusion_tune_mini": ("ProFusion: tune PromptNet and the UNet's q/k/v on one image, then Fusion Sampling (the "
@@ -527,6 +577,15 @@ GROUPS = {
         ("2. Place it in new scenes", [4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 30, 31, 40], None),
     ],
     **{f"{m}_{k}": _groups(m, t) for m in METHODS for k, t in TARGETS.items()},
+    "mini_world_demo_profusion": [
+        ("1. Learn a held-out subject from one image (ProFusion Tune, mini model)", [1, 2, 3, 4, 5, 6, 7, 41],
+         f"Runs offline on the pack's mini model (64 px), its CLIP vision tower and the PromptNet pre-trained on the "
+         f"mini world, with ONE view of the subject the pack ships (subjects/{SUBJECT}). ProFusion Tune adapts a "
+         "copy of PromptNet and the MODEL's q/k/v to it; PromptNet Encode reads the same view."),
+        ("2. Place it in new scenes (Fusion Sampling)", [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 30, 31, 40],
+         "Each Fusion Sampler has the scene's prompt with 'holder' where the subject goes; SamplerCustom's own "
+         "prompts and cfg are not used."),
+    ],
     "profusion_encode_mini": [
         ("1. One reference image for PromptNet", [1, 2, 3, 4, 5, 6, 14],
          "Runs offline on the pack's mini model (64 px), its CLIP vision tower and the PromptNet pre-trained on the "

@@ -1,10 +1,15 @@
 """`make demo`: personalise a held-out mini-world subject with the pack's nodes and write a PNG grid.
 
-Runs the demo workflows in workflows/ (``extra.personalize.demo``; today workflows/mini_world_demo.json) through
-ComfyUI's own executor on the shipped mini-world model (models/mini_world.safetensors), with empty input and model
-folders as on a fresh install: Load Mini Model -> Load Subject Images (the held-out subject's reference views the pack
-ships in subjects/striped_red_star) -> HiFi Subject Tune -> HiFi Subject Conditioning -> one KSampler per new scene. Then writes ``output/personalize_demo_grid.png``:
-the references in the first row, the subject in new scenes below, and logs where it is.
+Runs the demo workflows in workflows/ (``extra.personalize.demo``) through ComfyUI's own executor on the shipped
+mini-world model (models/mini_world.safetensors), with empty input and model folders as on a fresh install:
+
+* mini_world_demo.json: Load Mini Model -> Load Subject Images (the held-out subject's four reference views the pack
+  ships in subjects/striped_red_star) -> HiFi Subject Tune -> HiFi Subject Conditioning -> one KSampler per new scene;
+* mini_world_demo_profusion.json: ONE of those views -> ProFusion Tune (the shipped mini PromptNet and the MODEL's
+  q/k/v) -> PromptNet Encode -> one Fusion Sampler in SamplerCustom per new scene.
+
+Then writes ``output/personalize_demo_grid.png``: per demo, its references in one row and the subject in new scenes
+in the row below, and logs where it is.
 
 The same workflow runs on a real SD1.x checkpoint with Load Mini Model swapped for the stock Load Checkpoint
 (CheckpointLoaderSimple) and your own photos in the subject folder; workflows/<method>_sd15.json are set up that way.
@@ -79,9 +84,9 @@ def main() -> int:
         gens = [p for p in files if "references" not in p.name]
         rows += [torch.stack([load(p) for p in sorted(refs)]), torch.stack([load(p) for p in sorted(gens)])]
     grid = save_grid(rows, out / "personalize_demo_grid.png")
-    log.info("demo (%s, personalised from %d reference views) finished in %.0f s", MINI_DEMO_SUBJECT,
-             rows[0].shape[0], time.perf_counter() - t_start)
-    log.info("demo grid (top row: the references; below: the subject in new scenes): %s", grid)
+    log.info("demo (%s; %s) finished in %.0f s", MINI_DEMO_SUBJECT,
+             ", ".join(f"{r.shape[0]} reference view(s)" for r in rows[::2]), time.perf_counter() - t_start)
+    log.info("demo grid (per demo: a row of its references, then the subject in new scenes): %s", grid)
     return 0
 
 

@@ -29,11 +29,13 @@ def _values(node: dict, mappings: dict) -> dict:
 
 
 def test_there_are_workflows():
-    """Two per method (mini model, SD1.5), the mini-world sample and demo, and ProFusion's two on the mini model (its
+    """Two per method (mini model, SD1.5), the mini-world sample and the two demos (HiFi Tuner from four views,
+    ProFusion from one), and ProFusion's two on the mini model (its
     official weights are SD2's: a real-model ProFusion workflow would need a converted PromptNet that no download
     provides)."""
     assert {p.stem for p in WORKFLOWS} == ({f"{m}_{k}" for m in METHODS for k in ("mini", "sd15")}
-                                           | {"mini_world_sample", "mini_world_demo", "profusion_encode_mini",
+                                           | {"mini_world_sample", "mini_world_demo", "mini_world_demo_profusion",
+                                              "profusion_encode_mini",
                                               "profusion_tune_mini"})
 
 
