@@ -81,7 +81,11 @@ class BenchConfig:
     seed: int = 0
 
     def method_keys(self) -> tuple[str, ...]:
-        return tuple(self.methods) if self.methods is not None else registry.keys(personalises=True, default=True)
+        """The personalisation rows of this protocol: ``methods`` (else the registry's default rows) less those
+        registered for the other protocol only (a one-image method such as ProFusion is in the one-image table
+        only)."""
+        keys = tuple(self.methods) if self.methods is not None else registry.keys(personalises=True, default=True)
+        return tuple(k for k in keys if registry.runs_under(k, self.protocol))
 
     def __post_init__(self) -> None:
         if self.seen_views is not None and not 1 <= self.seen_views <= self.views:
@@ -189,7 +193,7 @@ class Benchmark:
             return p.images
         return sample_captions(self.nodes, p.model, p.clip, self.vae, p.prompts, steps=self.cfg.sampler_steps,
                                cfg=self.cfg.cfg, seed=self.cfg.seed * 1000 + 100 * self.draw,
-                               per_caption=self.cfg.seeds, transform=p.transform)
+                               per_caption=self.cfg.seeds, transform=p.transform, custom_sampler=p.sampler)
 
     def real_images(self, heldout: world.HeldoutSubject) -> torch.Tensor:
         scenes = [sc for sc in heldout.scenes for _ in range(self.cfg.seeds)]
@@ -300,14 +304,24 @@ def _per_caption(node_map: dict, clip, vae, captions: list[str], sample, transfo
 
 def sample_captions(node_map: dict, model, clip, vae, captions: list[str], *, steps: int = 20, cfg: float = 5.0,
                     seed: int = 0, per_caption: int = 1, transform=None, sampler: str = "ddim",
-                    scheduler: str = "ddim_uniform") -> torch.Tensor:
+                    scheduler: str = "ddim_uniform", custom_sampler=None) -> torch.Tensor:
     """``per_caption`` images per caption (one latent batch, KSampler seed ``seed + k`` for caption ``k``) through
     stock nodes: CLIPTextEncode (then ``transform(conditioning)`` when given: a method's conditioning edit),
     KSampler (``sampler`` / ``scheduler``, ddim / ddim_uniform by default) against the empty prompt, VAEDecode.
-    IMAGE ``[len(captions) * per_caption, ...]``."""
+    IMAGE ``[len(captions) * per_caption, ...]``.
+
+    With ``custom_sampler(caption) -> SAMPLER`` (a row's :attr:`registry.Personalised.sampler`), caption ``k`` is
+    sampled by stock SamplerCustom with that SAMPLER instead, on BasicScheduler's SIGMAS (``scheduler``, ``steps``,
+    denoise 1), noise seed ``seed + k``, the same cfg, positive, negative and empty latent: what KSampler runs, with
+    the sampler swapped (the ``sampler`` name is then unused)."""
     def sample(k, positive, negative):
         latent = call(node_map, "EmptyLatentImage", width=world.IMAGE_SIZE, height=world.IMAGE_SIZE,
                       batch_size=per_caption)[0]
+        if custom_sampler is not None:
+            sigmas = call(node_map, "BasicScheduler", model=model, scheduler=scheduler, steps=steps, denoise=1.0)[0]
+            return call(node_map, "SamplerCustom", model=model, add_noise=True, noise_seed=seed + k, cfg=cfg,
+                        positive=positive, negative=negative, sampler=custom_sampler(captions[k]), sigmas=sigmas,
+                        latent_image=latent)[0]
         return call(node_map, "KSampler", model=model, seed=seed + k, steps=steps, cfg=cfg, sampler_name=sampler,
                     scheduler=scheduler, positive=positive, negative=negative, latent_image=latent, denoise=1.0)[0]
     return _per_caption(node_map, clip, vae, captions, sample, transform)

@@ -26,8 +26,13 @@ _LOADED = False
 @dataclass
 class Personalised:
     """What a row hands to generation: the MODEL/CLIP to sample with, a prompt per scene, an optional conditioning
-    transform (HiFi) and the personalisation's cost; or, for a bound that is not generated (the world's own renders),
-    the ``images`` themselves."""
+    transform (HiFi), an optional ``sampler`` (ProFusion) and the personalisation's cost; or, for a bound that is not
+    generated (the world's own renders), the ``images`` themselves.
+
+    ``sampler(prompt) -> SAMPLER``: the row samples each prompt with stock SamplerCustom and this SAMPLER (e.g. the
+    Fusion Sampler node's output, built for that prompt) on the benchmark's SIGMAS (BasicScheduler with the
+    benchmark's scheduler and steps), seeds and cfg, instead of KSampler with the benchmark's sampler; for a stock
+    ``ddim`` SAMPLER both paths give the same images (tests/test_mini_benchmark.py)."""
     model: object = None
     clip: object = None
     prompts: list[str] | None = None
@@ -35,6 +40,7 @@ class Personalised:
     nbytes: int = 0
     transform: Callable | None = None
     images: object = None
+    sampler: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,9 @@ class MethodRow:
     baseline: bool = False   # a row methods claim to beat: every tuned row gets a paired difference against it
     default: bool = True     # in `make eval`'s rows without --methods (False: opt-in diagnostics)
     bench: tuple[str, ...] = ()  # `make bench` scripts (repository paths) timing this method's steps
+    protocols: tuple[str, ...] = ("multi", "one")  # the protocols it runs under (BenchConfig.method_keys drops it
+    #                            from the others' rows, listed or not); ("one",): a one-image method such as ProFusion,
+    #                            which reads one view whatever it is handed
 
 
 def register(key: str, title: str, **flags) -> Callable:
@@ -91,6 +100,11 @@ def get(key: str) -> MethodRow:
 def keys(**flags) -> tuple[str, ...]:
     """Keys of the rows whose flags equal ``flags`` (e.g. ``keys(gated=True)``), in table order."""
     return tuple(r.key for r in rows() if all(getattr(r, k) == v for k, v in flags.items()))
+
+
+def runs_under(key: str, protocol: str) -> bool:
+    """Whether row ``key`` runs under ``protocol`` ("multi", "one" or "k of n", which counts as multi)."""
+    return ("one" if protocol == "one" else "multi") in get(key).protocols
 
 
 def bench_scripts() -> tuple[str, ...]:

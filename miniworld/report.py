@@ -175,13 +175,15 @@ def rows_from_json(payload: dict) -> list:
 PAIRABLE = ("seen_views", "methods")
 
 
-def unpaired(payload: dict, cfg_dict: dict, subjects: list[str], header: dict) -> list[str]:
-    """Why the multi-image run ``payload`` (a :func:`to_json` dict) cannot pair with a run of ``cfg_dict`` on
-    ``subjects`` under ``header`` (weights, thread count), or ``[]``: they must share every config field but
-    :data:`PAIRABLE`, the subjects in order, the weights and the threads, and the payload must be multi-image."""
+def unpaired(payload: dict, cfg_dict: dict, subjects: list[str], header: dict, protocol: str = "multi") -> list[str]:
+    """Why the ``protocol`` run ``payload`` (a :func:`to_json` dict; a multi-image run by default, "one" for an
+    earlier one-image run whose rows join this one's) cannot pair with a run of ``cfg_dict`` on ``subjects`` under
+    ``header`` (weights, thread count), or ``[]``: they must share every config field but :data:`PAIRABLE`, the
+    subjects in order, the weights and the threads, and the payload must be of ``protocol``."""
     why = []
-    if payload.get("protocol", "multi") != "multi":
-        why.append(f"it is a {payload['protocol']}-image run, not a multi-image one")
+    theirs_protocol = payload.get("protocol", "multi")
+    if theirs_protocol != protocol:
+        why.append(f"it is a {theirs_protocol}-image run, not a {protocol}-image one")
     theirs = payload.get("config", {})
     why += [f"{k} {theirs.get(k)!r} against {v!r}" for k, v in cfg_dict.items()
             if k not in PAIRABLE and theirs.get(k) != v]
@@ -191,6 +193,16 @@ def unpaired(payload: dict, cfg_dict: dict, subjects: list[str], header: dict) -
         if payload.get("header", {}).get(k) != header.get(k):
             why.append(f"{k} {payload.get('header', {}).get(k)!r} against {header.get(k)!r}")
     return why
+
+
+def join_rows(rows, earlier_rows) -> tuple[list, list[str]]:
+    """This run's ``rows`` and, in table order, the rows of an earlier run of the same protocol, config and subjects
+    (:func:`unpaired` said so) that this run did not produce: a run of new methods alone then gets the table and
+    paired differences against the earlier run's baselines. Returns (rows, the keys taken from the earlier run)."""
+    mine = {r.method for r in rows}
+    taken = [r for r in earlier_rows if r.method not in mine and r.method in registry.keys()]
+    order = {k: i for i, k in enumerate(registry.keys())}
+    return sorted([*rows, *taken], key=lambda r: order.get(r.method, len(order))), [r.method for r in taken]
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -14,7 +14,11 @@ both is scored against all --views views. The one-image table adds each metric's
 a subject (encode + any tuning) and whether the method tuned at test time; with both protocols the bounds' rows are
 run once (they see no reference) and a last table pairs each method's one-image row with its multi-image row.
 `--protocol one --pair-with MULTI.json` pairs with an earlier multi-image run's --json instead (same config, subjects,
-weights and threads; refused otherwise), and says whether the bounds' rows reproduced that run's.
+weights and threads; refused otherwise), and says whether the bounds' rows reproduced that run's. `--protocol one
+--pair-with ONE.json` (an earlier one-image run's --json, e.g. docs/mini_world_eval_one_image.json) runs the given
+--methods and joins the earlier run's other rows to the table, the paired differences (subject and prompt fidelity)
+and the --json, as if one run had produced them all (same conditions as above); the bounds are run again and
+compared score for score.
 
 --quick is the short version CI runs (the tuning half's first 2 subjects, 1 draw, 1 seed, the gated rows). Sweeps
 (--set, --methods) belong on the tuning half (--half tuning); on the reporting half they are refused unless
@@ -134,8 +138,10 @@ def main(argv=None) -> int:
     earlier = None
     if args.pair_with:
         earlier = json.loads(Path(args.pair_with).read_text())
-        why = report.unpaired(earlier, dataclasses.asdict(cfg), subjects,
-                              {"weights_sha256": weights_sha256, "threads": args.threads})
+        earlier_protocol = "one" if earlier.get("protocol") == "one" else "multi"
+        mine = dataclasses.asdict(cfg if earlier_protocol == "multi" else bench.one_image(cfg))
+        why = report.unpaired(earlier, mine, subjects, {"weights_sha256": weights_sha256, "threads": args.threads},
+                              earlier_protocol)
         if why:
             p.error(f"--pair-with {args.pair_with}: not the same run to pair with: {'; '.join(why)}")
     model, clip, vae = mf.load_checkpoint(ckpt, embedding_directory=str(h.models_dir / "embeddings"))
@@ -153,6 +159,9 @@ def main(argv=None) -> int:
         else:  # the bounds see no reference: their rows are the same under both protocols
             rows = bounds + runner.run(methods=pcfg.method_keys(), draws=draws)
         bounds = [r for r in rows if not registry.get(r.method).personalises]
+        if earlier is not None and earlier_protocol == "one":  # the earlier run's other rows join (bounds: ours)
+            rows, joined = report.join_rows(rows, report.rows_from_json(earlier))
+            log.info("rows joined from %s: %s", args.pair_with, ", ".join(joined) or "none")
         results[protocol] = (pcfg, rows, time.perf_counter() - t)
         log.info("%s-image protocol: %.0f s", protocol, results[protocol][2])
     seconds = time.perf_counter() - t0
@@ -172,6 +181,9 @@ def main(argv=None) -> int:
         paired = report.format_paired(rows)
         if paired:
             print("\n" + paired)
+        if earlier is not None and earlier_protocol == "one":
+            print(f"\n(rows of methods not run here come from {args.pair_with}: same subjects, draws, prompts, seeds "
+                  "and weights)\n\n" + report.format_paired(rows, "prompt_fidelity"))
         out = _beside(args.json, protocol, len(results))
         if out:
             report.write_json(out, report.to_json(rows, dataclasses.asdict(pcfg), subjects,
@@ -192,7 +204,14 @@ def main(argv=None) -> int:
                       f"named, not failed): {names}")
     if len(results) == 2:
         print("\n" + report.format_protocol_gap(results["multi"][1], results["one"][1]))
-    if earlier is not None:
+    if earlier is not None and earlier_protocol == "one":
+        theirs = {r.method: r.per_subject for r in report.rows_from_json(earlier)}
+        fresh = [r for r in bounds if r.method in theirs]
+        same = [r.title for r in fresh if r.per_subject == theirs[r.method]]
+        other = [r.title for r in fresh if r.per_subject != theirs[r.method]]
+        print(f"\nBounds' rows equal to that run's, score for score: {', '.join(same) or 'none'}"
+              + (f"; different: {', '.join(other)}" if other else ""))
+    elif earlier is not None:
         multi, one = report.rows_from_json(earlier), results["one"][1]
         gap = report.format_protocol_gap(multi, one)
         print("\n" + gap.replace("views (", f"views (multi-image rows from {args.pair_with}; ", 1))

@@ -23,16 +23,19 @@ def test_rows_register_with_their_roles_in_table_order():
     keys = registry.keys()
     assert keys[:6] == ("real", "base-class", "base-full", "ti", "lora", "hifi")
     assert set(keys) >= {"hifi-no-mask", "hifi-no-reg", "hifi-no-stepwise"}
-    assert registry.keys(tuned=True, default=True) == ("ti", "lora", "hifi")  # ablations are opt-in diagnostics
+    assert registry.keys(tuned=True, default=True) == ("ti", "lora", "hifi", "profusion-tune")  # ablations: opt-in
     assert registry.keys(gated=True) == ("ti", "lora", "hifi")
     assert registry.keys(baseline=True) == ("base-full", "ti", "lora")
     assert registry.keys(floor=True) == ("base-class",)
-    assert registry.keys(tuned=False) == ("real", "base-class", "base-full")
+    assert registry.keys(tuned=False) == ("real", "base-class", "base-full", "profusion-m0", "profusion")
     # the bounds and the words-only baseline are no methods: no seconds, no paired differences, "-" for "tuned"
     assert registry.keys(personalises=False) == ("real", "base-class", "base-full")
-    assert registry.keys(personalises=True, default=True) == ("ti", "lora", "hifi")
-    assert all(registry.get(k).tuned for k in registry.keys(personalises=True))  # every method so far tunes
+    assert registry.keys(personalises=True, default=True) == ("ti", "lora", "hifi", "profusion-m0", "profusion",
+                                                              "profusion-tune")
+    # ProFusion's encoder rows are tuning-free methods: they personalise (seconds, bytes, paired differences)
+    assert registry.keys(personalises=True, tuned=False) == ("profusion-m0", "profusion")
     assert registry.get("lora").title == "DreamBooth-LoRA (rank 4)"
+    assert registry.get("profusion").title == "ProFusion, PromptNet only (m=1)"
     with pytest.raises(ValueError, match="unknown benchmark row 'nope'.*known: real, base-class"):
         registry.get("nope")
 
@@ -44,7 +47,7 @@ def test_a_key_registers_once():
 
 def test_bench_scripts_exist_and_run_all_uses_the_registry():
     scripts = registry.bench_scripts()
-    assert scripts == ("bench/bench_training.py", "bench/bench_hifi.py")
+    assert scripts == ("bench/bench_training.py", "bench/bench_hifi.py", "bench/bench_profusion.py")
     assert all((REPO / s).is_file() for s in scripts)
     assert "registry.bench_scripts()" in (REPO / "bench" / "run_all.py").read_text()
 
@@ -219,3 +222,30 @@ def test_a_one_image_run_pairs_with_an_earlier_multi_image_json_only_when_compar
     assert report.unpaired(payload, mine, ["a", "b"], {**header, "threads": 2}) == ["threads 1 against 2"]
     payload["protocol"] = "one"
     assert "not a multi-image one" in report.unpaired(payload, mine, ["a", "b"], header)[0]
+
+
+def test_new_one_image_rows_join_an_earlier_one_image_run():
+    """`--protocol one --pair-with ONE.json --methods profusion`: the earlier one-image run's other rows join this
+    run's in table order (this run's own rows, the bounds included, win), and the paired differences of the new row
+    against the earlier run's baselines are those a single run of all rows would give; an earlier one-image run is
+    refused where a multi-image one is expected and the other way round."""
+    earlier = [_full_row("base-class", [0.1, 0.2]), _full_row("base-full", [0.5, 0.6]),
+               _full_row("ti", [0.4, 0.6], seconds=40.0), _full_row("lora", [0.3, 0.5], seconds=30.0)]
+    cfg = {"half": "reporting", "subjects": 2, "draws": 2, "views": 4, "seeds": 2, "seen_views": 1, "methods": None}
+    header = {"weights_sha256": "abc", "threads": 1}
+    payload = json.loads(json.dumps(report.to_json(earlier, cfg, ["a", "b"], header, "one")))
+    mine = {**cfg, "methods": ["profusion"]}
+    assert report.unpaired(payload, mine, ["a", "b"], header, "one") == []
+    assert "not a multi-image one" in report.unpaired(payload, mine, ["a", "b"], header)[0]
+    multi = json.loads(json.dumps(report.to_json(earlier, {**cfg, "seen_views": None}, ["a", "b"], header)))
+    assert "not a one-image one" in report.unpaired(multi, mine, ["a", "b"], header, "one")[0]
+    new = [_full_row("base-class", [0.1, 0.25]), _full_row("profusion", [0.7, 0.9], seconds=2.0)]
+    rows, joined = report.join_rows(new, report.rows_from_json(payload))
+    assert [r.method for r in rows] == ["base-class", "base-full", "ti", "lora", "profusion"]
+    assert joined == ["base-full", "ti", "lora"] and rows[0] is new[0]
+    together = report.paired([*earlier[1:], new[1]])
+    for metric in ("subject_fidelity", "prompt_fidelity"):
+        got = report.paired(rows, metric)
+        for b in ("base-full", "ti", "lora"):
+            assert vars(got[("profusion", b)]) == vars(report.paired([*earlier[1:], new[1]], metric)[("profusion", b)])
+    assert together[("profusion", "ti")].mean == pytest.approx(0.3)

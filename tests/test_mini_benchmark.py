@@ -133,6 +133,51 @@ def test_quick_evaluation_personalisation_beats_the_base_model(host, bench, ship
         assert torch.isfinite(torch.tensor(row.per_subject["subject_fidelity"])).all()
 
 
+def test_one_image_methods_run_in_the_one_image_table_only(host, bench):
+    """ProFusion reads one image: its rows are in the one-image protocol's default rows, not the multi-image one's
+    (nor in an explicit list run under the multi-image protocol); every other row is in both."""
+    registry = pack_module(host, "miniworld.registry")
+    benchmark = bench
+    multi = benchmark.BenchConfig()
+    one = benchmark.one_image(multi)
+    pf = ("profusion-m0", "profusion", "profusion-tune")
+    assert multi.method_keys() == ("ti", "lora", "hifi")
+    assert one.method_keys() == ("ti", "lora", "hifi", *pf)
+    assert benchmark.BenchConfig(methods=("ti", "profusion")).method_keys() == ("ti",)
+    assert benchmark.one_image(benchmark.BenchConfig(methods=("profusion", "ti"))).method_keys() == ("profusion", "ti")
+    assert benchmark.BenchConfig(views=4, seen_views=2).protocol == "2 of 4"
+    assert not registry.runs_under("profusion", "2 of 4") and registry.runs_under("hifi", "2 of 4")
+    assert all(registry.get(k).protocols == ("one",) for k in pf)
+
+
+def test_a_rows_sampler_runs_in_samplercustom_and_stock_ddim_there_is_ksampler(host, bench, shipped, evaluator):
+    """``Personalised.sampler`` (ProFusion's Fusion Sampler per caption): each caption is sampled by stock
+    SamplerCustom with the row's SAMPLER on the benchmark's SIGMAS, seeds, cfg and prompts. With the stock ddim
+    SAMPLER that is exactly what KSampler (ddim, ddim_uniform) gives the other rows, image for image; the hook is
+    asked once per caption, in order, and its SAMPLER is the one used (dpmpp_2m gives other images)."""
+    import nodes
+    registry = pack_module(host, "miniworld.registry")
+    _, (model, clip, vae) = shipped
+    runner = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, evaluator,
+                             bench.BenchConfig(seeds=2, sampler_steps=10))
+    runner.draw = 1
+    prompts = list(bench.pick_subjects(1, "tuning")[0].prompts[:2])
+    asked = []
+
+    def stock(name):
+        def sampler(caption):
+            asked.append(caption)
+            return runner.call("KSamplerSelect", sampler_name=name)[0]
+        return sampler
+
+    plain = runner.generate(registry.Personalised(model, clip, prompts))
+    hooked = runner.generate(registry.Personalised(model, clip, prompts, sampler=stock("ddim")))
+    assert asked == prompts and plain.shape == hooked.shape == (4, 64, 64, 3)
+    assert torch.equal(plain, hooked)
+    other = runner.generate(registry.Personalised(model, clip, prompts, sampler=stock("dpmpp_2m")))
+    assert float((other - plain).abs().mean()) > 1e-3
+
+
 class Recording:
     """The evaluator, recording the references every similarity score is computed against."""
 
@@ -242,3 +287,51 @@ def test_quick_one_image_evaluation(host, bench, shipped, evaluator):
     for row in rows:
         assert all(torch.isfinite(torch.tensor(v)).all() for v in row.per_subject.values())
     assert rows[0].subject_fidelity > 0.8 > rows[1].subject_fidelity  # the ceiling is the ceiling
+
+
+PROFUSION_NODES = ("PersonalizeProFusionTune", "PersonalizePromptNetEncode")
+
+
+def test_quick_one_image_profusion_rows(host, bench, shipped, evaluator, monkeypatch):
+    """ProFusion's rows on the one-image protocol (one subject, 4 tuning steps, 5 sampling steps): ProFusion Tune and
+    PromptNet Encode get view 0 alone, each caption is sampled through the Fusion Sampler node (the placeholder in
+    the caption, the class word with its article, the row's m) in SamplerCustom, and the table says "no" for the
+    encoder rows' tuning and "yes" for the tuned row, with their seconds and bytes; the tuned row's bytes hold the
+    tuned PromptNet and q/k/v deltas, the encoder rows' only the reference."""
+    import nodes
+    report = pack_module(host, "miniworld.report")
+    rows_pf = pack_module(host, "miniworld.rows.profusion")
+    monkeypatch.setattr(rows_pf, "TUNE_STEPS", 4)
+    _, (model, clip, vae) = shipped
+    cfg = bench.replace(bench.quick_one_image_config(), sampler_steps=5)
+    runner = bench.Benchmark(nodes.NODE_CLASS_MAPPINGS, model, clip, vae, evaluator, cfg, run_name="ci_pf")
+    given, fusion = [], []
+
+    def call(class_type, **inputs):
+        if class_type in PROFUSION_NODES:
+            given.append((class_type, inputs["image"]))
+        if class_type == "PersonalizeFusionSampler":
+            fusion.append((inputs["prompt"], inputs["class_word"], inputs["m"]))
+        return bench.call(runner.nodes, class_type, **inputs)
+
+    runner.call = call
+    draws = bench.pick_draws(cfg)
+    (heldout,) = draws[0]
+    keys = ("profusion-m0", "profusion", "profusion-tune")
+    assert bench.one_image(bench.BenchConfig()).method_keys()[-3:] == keys  # in `make eval`'s one-image table
+    rows = runner.run(methods=keys, draws=draws)
+    assert [c for c, _ in given] == ["PersonalizePromptNetEncode"] * 2 + list(PROFUSION_NODES)
+    assert all(torch.equal(image, heldout.references[0].image[None]) for _, image in given)
+    word = f"{bench.world.article(heldout.class_word)} {heldout.class_word}"
+    scenes = len(heldout.scenes)
+    assert len(fusion) == 3 * scenes
+    assert [m for _, _, m in fusion] == [0] * scenes + [1] * 2 * scenes
+    assert all(w == word and p.startswith("a photo of holder ") for p, w, _ in fusion)
+    table = report.format_one_image_table(rows, cfg, [heldout.subject.name])
+    log.info("\n%s", table)
+    cells = [[c.strip() for c in line[2:-2].split(" | ")] for line in table.splitlines()[2:5]]
+    assert [c[6] for c in cells] == ["no", "no", "yes"]
+    assert [r.tuned for r in rows] == [False, False, True] and all(r.tune_seconds > 0 for r in rows)
+    assert rows[0].bytes_per_subject == rows[1].bytes_per_subject < 100_000 < 10 ** 6 < rows[2].bytes_per_subject
+    for row in rows:
+        assert all(torch.isfinite(torch.tensor(v)).all() for v in row.per_subject.values())
