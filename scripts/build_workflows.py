@@ -315,9 +315,9 @@ def _mini_demo_graph() -> list:
 
 PROMPTNET_MINI = "mini_world_promptnet.safetensors"  # models/promptnet of the pack (scripts/pretrain_promptnet.py)
 CLIP_VISION_MINI = "mini_world_clip_vision.safetensors"  # models/clip_vision of the pack (pretrain_clip_vision.py)
-# Fusion Sampler on the mini model: the official notebook's m, γ and η_fuse; the guidance scales brought down in the
-# notebook's proportions (ω1 : ω2 : ω_f = 7 : 5 : 7) to the mini-world benchmark's cfg 5 (BenchConfig.cfg).
-FUSION_MINI = {"omega1": 5.0, "omega2": 3.5, "m": 1, "gamma": 0.6, "omega_f": 5.0, "eta_fuse": 1.0}
+# Fusion Sampler on the mini model: the official notebook's values (the node's defaults), which the one-image
+# benchmark measured (README: ProFusion rows).
+FUSION_MINI = {"omega1": 7.0, "omega2": 5.0, "m": 1, "gamma": 0.6, "omega_f": 7.0, "eta_fuse": 1.0}
 
 
 def profusion_encode_mini() -> list:
@@ -394,8 +394,9 @@ def profusion_tune_mini() -> list:
 
 
 def _profusion_demo_graph() -> list:
-    """make demo's second grid: ProFusion from ONE reference view of the held-out subject - ProFusion Tune (the mini
-    settings of profusion_tune_mini) -> PromptNet Encode -> per new scene a Fusion Sampler in SamplerCustom."""
+    """make demo's second grid: ProFusion from ONE reference view of the held-out subject, no tuning (the untuned
+    PromptNet rows are ProFusion's best in the one-image benchmark; README) - PromptNet Encode -> per new scene a
+    Fusion Sampler in SamplerCustom."""
     graph = [
         _loader(MINI),
         (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, "Reference views (held-out subject)"),
@@ -403,14 +404,10 @@ def _profusion_demo_graph() -> list:
         (4, "PersonalizeLoadMiniCLIPVision", {"clip_name": CLIP_VISION_MINI},
          "Load Mini CLIP Vision (swap for Load CLIP Vision)"),
         (5, "PersonalizePromptNetLoader", {"promptnet_name": PROMPTNET_MINI}, None),
-        (6, "PersonalizeProFusionTune", {
-            "promptnet": (5, 0), "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "clip_vision": (4, 0),
-            "image": (3, 0), **PROFUSION_TUNE_MINI, "seed": 0, "gradient_checkpointing": False,
-            "mixed_precision": "auto", "preview_every": 0, "prompt": "a photo of holder"}, None),
-        (7, "PersonalizePromptNetEncode", {"image": (3, 0), "promptnet": (6, 0), "vae": (1, 2),
+        (7, "PersonalizePromptNetEncode", {"image": (3, 0), "promptnet": (5, 0), "vae": (1, 2),
                                            "clip_vision": (4, 0)}, None),
         (8, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Unused (SamplerCustom needs a prompt)"),
-        (9, "BasicScheduler", {"model": (6, 1), "scheduler": "ddim_uniform", "steps": MINI.ddim_steps,
+        (9, "BasicScheduler", {"model": (1, 0), "scheduler": "ddim_uniform", "steps": MINI.ddim_steps,
                                "denoise": 1.0}, None),
         (10, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, None),
     ]
@@ -419,10 +416,10 @@ def _profusion_demo_graph() -> list:
         fs, samp, dec = 11 + 3 * k, 12 + 3 * k, 13 + 3 * k
         graph += [
             (fs, "PersonalizeFusionSampler", {
-                "promptnet": (6, 0), "reference": (7, 0), "clip": (1, 1), "prompt": f"a photo of holder {scene}",
+                "promptnet": (5, 0), "reference": (7, 0), "clip": (1, 1), "prompt": f"a photo of holder {scene}",
                 "class_word": CLASS_WORD, "placeholder": "holder", **FUSION_MINI, "scale_2": 3.0, "scale_3": 3.0},
              f"Fusion Sampler: {scene}"),
-            (samp, "SamplerCustom", {"model": (6, 1), "add_noise": True, "noise_seed": 7 + k, "cfg": MINI.cfg,
+            (samp, "SamplerCustom", {"model": (1, 0), "add_noise": True, "noise_seed": 7 + k, "cfg": MINI.cfg,
                                      "positive": (8, 0), "negative": (8, 0), "sampler": (fs, 0), "sigmas": (9, 0),
                                      "latent_image": (10, 0)}, None),
             (dec, "VAEDecode", {"samples": (samp, 0), "vae": (1, 2)}, None),
@@ -543,8 +540,8 @@ GRAPHS = {
     ]),
     "mini_world_demo": ("Personalise a held-out mini-world subject (HiFi Tuner) and place it in new scenes "
                         "(make demo)", True, _mini_demo_graph()),
-    "mini_world_demo_profusion": ("Personalise a held-out mini-world subject from ONE image (ProFusion: Tune, then "
-                                  "Fusion Sampling) and place it in new scenes (make demo)", True,
+    "mini_world_demo_profusion": ("Personalise a held-out mini-world subject from ONE image (ProFusion: PromptNet "
+                                  "and Fusion Sampling, no tuning) and place it in new scenes (make demo)", True,
                                   _profusion_demo_graph()),
     "profusion_encode_mini": ("ProFusion: one reference image, PromptNet's word in the prompt, Fusion Sampling "
                               "(the mini model, offline, no tuning)", False, profusion_encode_mini()),
@@ -578,10 +575,10 @@ GROUPS = {
     ],
     **{f"{m}_{k}": _groups(m, t) for m in METHODS for k, t in TARGETS.items()},
     "mini_world_demo_profusion": [
-        ("1. Learn a held-out subject from one image (ProFusion Tune, mini model)", [1, 2, 3, 4, 5, 6, 7, 41],
+        ("1. One image of a held-out subject (ProFusion's PromptNet, mini model)", [1, 2, 3, 4, 5, 7, 41],
          f"Runs offline on the pack's mini model (64 px), its CLIP vision tower and the PromptNet pre-trained on the "
-         f"mini world, with ONE view of the subject the pack ships (subjects/{SUBJECT}). ProFusion Tune adapts a "
-         "copy of PromptNet and the MODEL's q/k/v to it; PromptNet Encode reads the same view."),
+         f"mini world, with ONE view of the subject the pack ships (subjects/{SUBJECT}), never seen in pre-training. "
+         "No tuning: PromptNet turns the view (and, at every step, the noisy image) into the subject's word."),
         ("2. Place it in new scenes (Fusion Sampling)", [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 30, 31, 40],
          "Each Fusion Sampler has the scene's prompt with 'holder' where the subject goes; SamplerCustom's own "
          "prompts and cfg are not used."),

@@ -5,8 +5,8 @@ mini-world model (models/mini_world.safetensors), with empty input and model fol
 
 * mini_world_demo.json: Load Mini Model -> Load Subject Images (the held-out subject's four reference views the pack
   ships in subjects/striped_red_star) -> HiFi Subject Tune -> HiFi Subject Conditioning -> one KSampler per new scene;
-* mini_world_demo_profusion.json: ONE of those views -> ProFusion Tune (the shipped mini PromptNet and the MODEL's
-  q/k/v) -> PromptNet Encode -> one Fusion Sampler in SamplerCustom per new scene.
+* mini_world_demo_profusion.json: ONE of those views -> PromptNet Encode (the shipped mini PromptNet, no tuning)
+  -> one Fusion Sampler in SamplerCustom per new scene.
 
 Then writes ``output/personalize_demo_grid.png``: per demo, its references in one row and the subject in new scenes
 in the row below, and logs where it is.
