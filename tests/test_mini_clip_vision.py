@@ -312,18 +312,19 @@ def test_load_mini_model_leaves_out_other_kinds_shipped_files(host, tmp_path, mo
     ours = ["mini_a.safetensors", "sub/mini_b.safetensors", "test_kind/mine.safetensors", "test_kind/net.safetensors"]
     all_files = sorted(folder_paths.get_filename_list(mini.FOLDER))
     assert set(ours) <= set(all_files) and "mini_world.safetensors" in all_files
-    pack_clip_vision = [n for n in all_files if n.replace("\\", "/").startswith("clip_vision/")]  # the real kind's
+    # the real kinds' shipped files in the pack's models/ (the CLIP vision tower, the mini PromptNet)
+    pack_others = [n for n in all_files if n.replace("\\", "/").startswith(("clip_vision/", "promptnet/"))]
     name = f"test_shipped_{uuid.uuid4().hex[:6]}"
     monkeypatch.setitem(art.KINDS, name, art.ArtifactKind(kind=name, title="test", folder=name, made_by="test",
                                                           shipped=root / "test_kind"))
     listed = sorted(_options(host.node_class("PersonalizeLoadMiniModel"), "ckpt_name"))
     # the user's own test_kind/ folder is not the shipped one: kept
-    assert listed == [n for n in all_files if n != "test_kind/net.safetensors" and n not in pack_clip_vision]
+    assert listed == [n for n in all_files if n != "test_kind/net.safetensors" and n not in pack_others]
     # a kind shipped in a root itself hides nothing
     monkeypatch.setitem(art.KINDS, name, art.ArtifactKind(kind=name, title="test", folder=name, made_by="test",
                                                           shipped=root))
     listed = sorted(_options(host.node_class("PersonalizeLoadMiniModel"), "ckpt_name"))
-    assert listed == [n for n in all_files if n not in pack_clip_vision]
+    assert listed == [n for n in all_files if n not in pack_others]
 
 
 def test_the_real_layout_is_covered(host, mc, fresh_filename_lists):
