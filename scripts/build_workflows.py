@@ -320,20 +320,32 @@ CLIP_VISION_MINI = "mini_world_clip_vision.safetensors"  # models/clip_vision of
 FUSION_MINI = {"omega1": 7.0, "omega2": 5.0, "m": 1, "gamma": 0.6, "omega_f": 7.0, "eta_fuse": 1.0}
 
 
+def _profusion_inputs() -> list:
+    """Nodes 3-5 of every ProFusion graph: one reference view of the shipped subject (node 2), the mini CLIP vision
+    tower and the mini PromptNet."""
+    return [
+        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, "One reference view"),
+        (4, "PersonalizeLoadMiniCLIPVision", {"clip_name": CLIP_VISION_MINI},
+         "Load Mini CLIP Vision (swap for Load CLIP Vision)"),
+        (5, "PersonalizePromptNetLoader", {"promptnet_name": PROMPTNET_MINI}, None),
+    ]
+
+
+def _fusion_sampler(node_id: int, promptnet: tuple, reference: tuple, prompt: str, title=None) -> tuple:
+    return (node_id, "PersonalizeFusionSampler", {
+        "promptnet": promptnet, "reference": reference, "clip": (1, 1), "prompt": prompt, "class_word": CLASS_WORD,
+        "placeholder": "holder", **FUSION_MINI, "scale_2": 3.0, "scale_3": 3.0}, title)
+
+
 def profusion_encode_mini() -> list:
     """One reference view of the shipped subject -> PromptNet Encode -> Fusion Sampler -> stock SamplerCustom on
     ddim_uniform SIGMAS (20 steps, the mini-world benchmark's), no tuning (the pre-trained mini PromptNet)."""
     return [
         _loader(MINI), _subject(MINI),
-        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, "One reference view"),
-        (4, "PersonalizeLoadMiniCLIPVision", {"clip_name": CLIP_VISION_MINI},
-         "Load Mini CLIP Vision (swap for Load CLIP Vision)"),
-        (5, "PersonalizePromptNetLoader", {"promptnet_name": PROMPTNET_MINI}, None),
+        *_profusion_inputs(),
         (6, "PersonalizePromptNetEncode", {"image": (3, 0), "promptnet": (5, 0), "vae": (1, 2),
                                            "clip_vision": (4, 0)}, None),
-        (7, "PersonalizeFusionSampler", {
-            "promptnet": (5, 0), "reference": (6, 0), "clip": (1, 1), "prompt": "a photo of holder on the beach",
-            "class_word": CLASS_WORD, "placeholder": "holder", **FUSION_MINI, "scale_2": 3.0, "scale_3": 3.0}, None),
+        _fusion_sampler(7, (5, 0), (6, 0), "a photo of holder on the beach"),
         (8, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Unused (SamplerCustom needs a prompt)"),
         (9, "BasicScheduler", {"model": (1, 0), "scheduler": "ddim_uniform", "steps": MINI.ddim_steps,
                                "denoise": 1.0}, None),
@@ -360,19 +372,14 @@ def profusion_tune_mini() -> list:
     class-word prompt, for comparison; the tuning loss."""
     return [
         _loader(MINI), _subject(MINI),
-        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, "One reference view"),
-        (4, "PersonalizeLoadMiniCLIPVision", {"clip_name": CLIP_VISION_MINI},
-         "Load Mini CLIP Vision (swap for Load CLIP Vision)"),
-        (5, "PersonalizePromptNetLoader", {"promptnet_name": PROMPTNET_MINI}, None),
+        *_profusion_inputs(),
         (6, "PersonalizeProFusionTune", {
             "promptnet": (5, 0), "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "clip_vision": (4, 0),
             "image": (3, 0), **PROFUSION_TUNE_MINI, "seed": 0, "gradient_checkpointing": False,
             "mixed_precision": "auto", "preview_every": 0, "prompt": "a photo of holder"}, None),
         (7, "PersonalizePromptNetEncode", {"image": (3, 0), "promptnet": (6, 0), "vae": (1, 2),
                                            "clip_vision": (4, 0)}, None),
-        (8, "PersonalizeFusionSampler", {
-            "promptnet": (6, 0), "reference": (7, 0), "clip": (1, 1), "prompt": "a photo of holder on the beach",
-            "class_word": CLASS_WORD, "placeholder": "holder", **FUSION_MINI, "scale_2": 3.0, "scale_3": 3.0}, None),
+        _fusion_sampler(8, (6, 0), (7, 0), "a photo of holder on the beach"),
         (9, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Negative (empty prompt)"),
         (10, "BasicScheduler", {"model": (6, 1), "scheduler": "ddim_uniform", "steps": MINI.ddim_steps,
                                 "denoise": 1.0}, None),
@@ -400,10 +407,7 @@ def _profusion_demo_graph() -> list:
     graph = [
         _loader(MINI),
         (2, "PersonalizeLoadSubjectImages", {"folder": SUBJECT, "size": 64}, "Reference views (held-out subject)"),
-        (3, "ImageFromBatch", {"image": (2, 0), "batch_index": 0, "length": 1}, "One reference view"),
-        (4, "PersonalizeLoadMiniCLIPVision", {"clip_name": CLIP_VISION_MINI},
-         "Load Mini CLIP Vision (swap for Load CLIP Vision)"),
-        (5, "PersonalizePromptNetLoader", {"promptnet_name": PROMPTNET_MINI}, None),
+        *_profusion_inputs(),
         (7, "PersonalizePromptNetEncode", {"image": (3, 0), "promptnet": (5, 0), "vae": (1, 2),
                                            "clip_vision": (4, 0)}, None),
         (8, "CLIPTextEncode", {"clip": (1, 1), "text": ""}, "Unused (SamplerCustom needs a prompt)"),
@@ -415,10 +419,7 @@ def _profusion_demo_graph() -> list:
     for k, scene in enumerate(MINI_SCENES):
         fs, samp, dec = 11 + 3 * k, 12 + 3 * k, 13 + 3 * k
         graph += [
-            (fs, "PersonalizeFusionSampler", {
-                "promptnet": (5, 0), "reference": (7, 0), "clip": (1, 1), "prompt": f"a photo of holder {scene}",
-                "class_word": CLASS_WORD, "placeholder": "holder", **FUSION_MINI, "scale_2": 3.0, "scale_3": 3.0},
-             f"Fusion Sampler: {scene}"),
+            _fusion_sampler(fs, (5, 0), (7, 0), f"a photo of holder {scene}", f"Fusion Sampler: {scene}"),
             (samp, "SamplerCustom", {"model": (1, 0), "add_noise": True, "noise_seed": 7 + k, "cfg": MINI.cfg,
                                      "positive": (8, 0), "negative": (8, 0), "sampler": (fs, 0), "sigmas": (9, 0),
                                      "latent_image": (10, 0)}, None),
