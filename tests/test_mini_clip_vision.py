@@ -244,14 +244,19 @@ def test_a_file_of_another_kind_is_refused_with_the_fix(host, loader, err):
     plain = folder / f"plain_{uuid.uuid4().hex[:6]}.safetensors"
     save_file({"vision_model.post_layernorm.weight": torch.ones(128)}, str(plain))
     host.refresh_model_lists()
-    with pytest.raises(err, match="not a mini CLIP vision file: it is a HiFi.*Load a file written by "
-                                  "scripts/pretrain_clip_vision.py"):
-        loader.execute(clip_name=subject.name)
-    with pytest.raises(err, match="not a mini CLIP vision file: it is a file without Personalize metadata"):
-        loader.execute(clip_name=plain.name)
-    with pytest.raises(err, match="File not found"):
-        loader.execute(clip_name="no_such_tower.safetensors")
-    assert loader.validate_inputs(clip_name="../escape.safetensors") is not True
+    try:
+        with pytest.raises(err, match="not a mini CLIP vision file: it is a HiFi.*Load a file written by "
+                                      "scripts/pretrain_clip_vision.py"):
+            loader.execute(clip_name=subject.name)
+        with pytest.raises(err, match="not a mini CLIP vision file: it is a file without Personalize metadata"):
+            loader.execute(clip_name=plain.name)
+        with pytest.raises(err, match="File not found"):
+            loader.execute(clip_name="no_such_tower.safetensors")
+        assert loader.validate_inputs(clip_name="../escape.safetensors") is not True
+    finally:  # the host outlives this test: leave no foreign file in the list other tests read
+        subject.unlink(missing_ok=True)
+        plain.unlink(missing_ok=True)
+        host.refresh_model_lists()
 
 
 def test_a_tower_file_with_wrong_widths_is_refused(host, loader, mc, vision_file, err):

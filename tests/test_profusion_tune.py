@@ -198,7 +198,7 @@ def test_node_in_the_executor_leaves_its_inputs_unchanged(host, run_workflow, su
 
     monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "TestPromptNet", TestPromptNet)
     monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "TestKeep", TestKeep)
-    clip_name = host.folder_paths.get_filename_list("personalize_clip_vision")[0]
+    clip_name = pack_module(host, "networks.mini_clip").SHIPPED_NAME  # the shipped tower, whatever else is listed
     prompt = {
         "1": {"class_type": "PersonalizeLoadMiniModel", "inputs": {"ckpt_name": "mini_world.safetensors"}},
         "2": {"class_type": "PersonalizeLoadMiniCLIPVision", "inputs": {"clip_name": clip_name}},
