@@ -49,6 +49,10 @@ class ProFusionTune(io.ComfyNode):
                 io.String.Input("prompt", default=profusion_tune.PROMPT, optional=True,
                                 tooltip="Tuning prompt with the placeholder 'holder' where S* goes (official: "
                                         "'a photo of holder')."),
+                io.Combo.Input("padding", options=list(profusion_tune.PADDING), default="reflection",
+                               optional=True,
+                               tooltip="How the copies' zoom-out and shift fill the uncovered frame (the official "
+                                       "notebook inpaints it). With a mask: black, the masked background."),
             ],
             outputs=[
                 S.PromptNet.Output(display_name="promptnet", tooltip="The tuned PromptNet."),
@@ -63,12 +67,13 @@ class ProFusionTune(io.ComfyNode):
     @classmethod
     def execute(cls, promptnet, model, clip, vae, clip_vision, image, steps, learning_rate, batch_size,
                 augmented_copies, tune_unet_qkv, seed, mask=None, gradient_checkpointing=False,
-                mixed_precision="auto", preview_every=0, prompt=profusion_tune.PROMPT) -> io.NodeOutput:
+                mixed_precision="auto", preview_every=0, prompt=profusion_tune.PROMPT,
+                padding="reflection") -> io.NodeOutput:
         config = profusion_tune.ProFusionTuneConfig(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
             gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
             preview_every=preview_every, augmented_copies=augmented_copies, tune_unet_qkv=tune_unet_qkv,
-            prompt=prompt)
+            prompt=prompt, padding=padding)
         net, out_model, result = profusion_tune.tune(promptnet, model, clip, vae, clip_vision, image, mask, config,
                                                      node_id=S.node_id(cls))
         return io.NodeOutput(net, out_model, result.loss_map(), decode_previews(vae, result))

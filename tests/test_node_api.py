@@ -111,8 +111,13 @@ def test_node_definition_unchanged(host, current, v1, node_id):
     now, before = _strip_text(current[node_id]), _strip_text(v1[node_id])
     for key in ("display_name", "category", "output_node", "outputs", "hidden"):
         assert now[key] == before[key], (node_id, key)
-    # input names, order and required/optional
-    assert now["input_order"] == before["input_order"], node_id
+    # input names, order and required/optional; inputs may be added after the existing ones, optional only (a
+    # saved workflow's widget values stay in place and a new input takes its default)
+    for section in ("required", "optional"):
+        kept, added = before["input_order"].get(section, []), now["input_order"].get(section, [])
+        assert added[:len(kept)] == kept, (node_id, section)
+    assert now["input_order"].get("required", []) == before["input_order"].get("required", []), (
+        node_id, "a required input was added")
     for section, specs in before["inputs"].items():
         for name, spec in specs.items():
             assert now["inputs"][section][name] == spec, (node_id, section, name)

@@ -303,6 +303,33 @@ def test_gradient_checkpointing_same_result_and_restores_promptnet(pt, mini, tow
     assert not any("forward" in vars(m) for m in net.modules())
 
 
+def test_padding_fills_only_what_the_move_uncovers(pt, image):
+    """The three paddings move the image alike (same seed, same flips and affine draws) and differ only where the
+    move uncovers the frame: black for 'zeros', the image's own pixels otherwise."""
+    px = image[:, :64, :64].clamp(0.1, 1.0)  # no black pixel of its own
+    copies = {p: pt.augment(px, 4, seed=5, padding=p) for p in pt.PADDING}
+    uncovered = (copies["zeros"] < 0.02).all(-1)
+    assert uncovered.any() and not uncovered.all()
+    inside = ~uncovered
+    for p in ("reflection", "border"):
+        assert float((copies[p][inside] - copies["zeros"][inside]).abs().mean()) < 0.02, p
+        assert float(copies[p][uncovered].amin(-1).mean()) > 0.05, p  # filled, not black
+    assert not torch.allclose(copies["reflection"][uncovered], copies["border"][uncovered])
+
+
+def test_node_passes_its_padding(host, mini, tower, net, image, pt, monkeypatch):
+    seen = []
+    real = pt.augment
+    monkeypatch.setattr(pt, "augment", lambda *a, **k: seen.append(a[3] if len(a) > 3 else k.get("padding"))
+                        or real(*a, **k))
+    model, clip, vae = mini
+    for padding in ("border", None):  # None: the input left out (a workflow saved before it existed)
+        call_node(NODE, promptnet=net, model=model, clip=clip, vae=vae, clip_vision=tower, image=image, steps=1,
+                  learning_rate=2e-5, batch_size=1, augmented_copies=1, tune_unet_qkv=False, seed=0,
+                  **({"padding": padding} if padding else {}))
+    assert seen == ["border", "reflection"]
+
+
 def test_mask_is_applied_with_black_padding(pt, mini, tower, net, subject):
     images, masks = subject
     config = _config(pt, augmented_copies=2)
