@@ -40,12 +40,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,7 +52,7 @@ sys.path.insert(0, str(REPO / ".pythonpath"))  # `harness` only, never the repo 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import measure  # noqa: E402
-from bench_training import boot  # noqa: E402
+from bench_training import boot_quiet, run_scratch  # noqa: E402
 
 CAPTION = "a photo of a dog"
 TUNE_LR = 5e-3          # learn_subject defaults
@@ -461,26 +458,12 @@ def main(argv=None) -> int:
     if args.cfg == 1.0:
         raise SystemExit("--cfg must not be 1 (the host skips the negative branch at cfg 1)")
 
-    t_start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
-
-    work = Path(tempfile.mkdtemp(prefix="personalize-bench-hifi-"))
-    try:
-        return _run(args, work, t_start, log)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return run_scratch("personalize-bench-hifi-", lambda work, t_start, log: _run(args, work, t_start, log))
 
 
 def _run(args, work: Path, t_start: float, log) -> int:
-    h, ckpt = boot(args.host, work)
-    logging.getLogger().setLevel(logging.WARNING)  # ComfyUI's per-load INFO lines would bury the results
+    h, ckpt = boot_quiet(args.host, work, args.threads)
     import torch
-
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(0)
     M = pack_modules(h)
     stock = tuple(call_node("CheckpointLoaderSimple", ckpt_name=ckpt.name)[:2])
     session_models = tuple(call_node("CheckpointLoaderSimple", ckpt_name=ckpt.name)[:2])

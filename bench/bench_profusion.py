@@ -52,12 +52,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,7 +64,7 @@ sys.path.insert(0, str(REPO / ".pythonpath"))  # `harness` only, never the repo 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import measure  # noqa: E402
-from bench_training import boot  # noqa: E402
+from bench_training import boot_quiet, run_scratch  # noqa: E402
 
 PROMPT = "a photo of holder on the beach"
 CLASS_WORD = "dog"
@@ -356,26 +353,12 @@ def main(argv=None) -> int:
         print(f"bench_profusion: ignoring arguments meant for other benchmarks: {' '.join(unknown)}", flush=True)
     if args.quick:
         args.regimes, args.rounds, args.steps = "mini", "1", "1"
-    t_start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
-
-    work = Path(tempfile.mkdtemp(prefix="personalize-bench-profusion-"))
-    try:
-        return _run(args, work, t_start, log)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return run_scratch("personalize-bench-profusion-", lambda work, t_start, log: _run(args, work, t_start, log))
 
 
 def _run(args, work: Path, t_start: float, log) -> int:
-    h, _ = boot(args.host, work)
-    logging.getLogger().setLevel(logging.WARNING)  # ComfyUI's per-load INFO lines would bury the results
+    h, _ = boot_quiet(args.host, work, args.threads)
     import torch
-
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(0)
     M = pack_modules(h)
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
     sizes = [int(s) for s in args.latents.split(",") if s] if "sd2" in regimes else []

@@ -109,6 +109,34 @@ def boot(host_path: str | None, work: Path):
     return h, ckpt
 
 
+def boot_quiet(host_path: str | None, work: Path, threads: int):
+    """:func:`boot`, then what every benchmark measures under: WARNING-level logging (ComfyUI's per-load INFO lines
+    would bury the results), ``threads`` intra-op threads, denormals flushed, torch seeded 0. Returns (host, ckpt)."""
+    h, ckpt = boot(host_path, work)
+    logging.getLogger().setLevel(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    return h, ckpt
+
+
+def run_scratch(prefix: str, run) -> int:
+    """``run(work, t_start, log)`` in a fresh temporary folder (removed after, whatever happens); ``log(msg)`` prints
+    ``msg`` with the seconds since the start. Returns ``run``'s exit status."""
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return run(work, t_start, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def pack_modules(h):
     p = h.pack_module_name
     names = ("core.tuning", "core.diffusion", "core.textual", "core.deltas", "core.host", "methods.textual_inversion",
@@ -435,26 +463,12 @@ def main(argv=None) -> int:
                     help="exit 1 if a median time ratio ours/ref exceeds this (no gate by default)")
     args = ap.parse_args(argv)
 
-    t_start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
-
-    work = Path(tempfile.mkdtemp(prefix="personalize-bench-"))
-    try:
-        return _run(args, work, t_start, log)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return run_scratch("personalize-bench-", lambda work, t_start, log: _run(args, work, t_start, log))
 
 
 def _run(args, work: Path, t_start: float, log) -> int:
-    h, ckpt = boot(args.host, work)
-    logging.getLogger().setLevel(logging.WARNING)  # ComfyUI's per-load INFO lines would bury the results
+    h, ckpt = boot_quiet(args.host, work, args.threads)
     import torch
-
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(0)
     import nodes
     from harness import fixtures
 
