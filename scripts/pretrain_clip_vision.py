@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,45 +37,32 @@ HARD_ATTRIBUTES = ("shape", "pattern")
 
 
 def main(argv=None) -> int:
+    from harness import pretrain_script
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "models" / "clip_vision" / "mini_world_clip_vision.safetensors"))
     p.add_argument("--work-dir", default=str(ROOT / ".cache" / "mini_world" / "clip_vision"),
                    help="checkpoint, log.jsonl and loss.png (resumed when a checkpoint is there)")
-    p.add_argument("--folder", help="pre-train on a folder of images (core/pretrain_data.py layout) instead of the "
-                                    "mini world")
-    p.add_argument("--size", type=int, default=64, help="--folder images are resized to this (the tower's input)")
-    p.add_argument("--stop-after", type=int, help="return after this many steps (a resumable part)")
-    p.add_argument("--export-part", action="store_true", help="after a part, also write and measure the tower as it "
-                                                              "is (the file's metadata says which step of how many)")
-    p.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
+    pretrain_script.add_common_arguments(
+        p, folder_help="pre-train on a folder of images (core/pretrain_data.py layout) instead of the mini world",
+        size_help="--folder images are resized to this (the tower's input)",
+        export_help="after a part, also write and measure the tower as it is (the file's metadata says which step "
+                    "of how many)",
+        set_help="override a PretrainConfig field (core/pretrain.py), e.g. --set steps=3000")
     p.add_argument("--evaluate-only", action="store_true", help="measure --out (linear probes; retrieval needs the "
                                                                 "work dir's checkpoint for the text tower)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a PretrainConfig field (core/pretrain.py), e.g. --set steps=3000")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     import torch
-    from harness import host as H
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
-    h = H.boot_scratch("clip_vision_")
-    engine = h.pack("core.pretrain")
+    h, engine = pretrain_script.boot(args, "clip_vision_")
     distributed = h.pack("core.distributed")
     mini_clip = h.pack("networks.mini_clip")
     ev = h.pack("miniworld.encoder_eval")
-    cfg = engine.PretrainConfig(**RECIPE)
-    if args.quick:
-        cfg = dataclasses.replace(cfg, steps=4, batch_size=8, checkpoint_every=2, validate_every=0, log_every=1,
-                                  warmup=0)
     try:
-        cfg = H.replace_numeric(cfg, args.set)
+        cfg = pretrain_script.config(engine, RECIPE, {"steps": 4, "batch_size": 8}, args.quick, args.set)
     except ValueError as e:
         p.error(str(e))
-    if os.environ.get("PERSONALIZE_DEVICE") == "auto":
-        import comfy.model_management as mm
-        cfg = dataclasses.replace(cfg, device=str(mm.get_torch_device()))
 
     def validation(module):  # base subjects, renders the training stream never draws (another seed space)
         world = h.pack("miniworld.world")
@@ -89,18 +75,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.evaluate_only:
         return _evaluate(out, Path(args.work_dir), task, engine, mini_clip, ev, cfg)
-    if args.folder:
-        source = h.pack("core.pretrain_data").FolderSource(args.folder, size=args.size, seed=cfg.seed)
-    else:
-        source = h.pack("miniworld.sources").WorldSource("single", seed=cfg.seed, hard_negatives=HARD_NEGATIVES,
-                                                       hard_attributes=HARD_ATTRIBUTES)
+    source = (pretrain_script.folder_source(h, args, cfg)
+              or h.pack("miniworld.sources").WorldSource("single", seed=cfg.seed, hard_negatives=HARD_NEGATIVES,
+                                                         hard_attributes=HARD_ATTRIBUTES))
     with distributed.process_group(cuda=cfg.device.startswith("cuda")) as (rank, _):
         result = engine.pretrain(task, source, cfg, args.work_dir, stop_after=args.stop_after)
-    if result.steps < cfg.steps:
-        logging.info("part done: step %d of %d (%.0f s); run the same command again to continue", result.steps,
-                     cfg.steps, result.seconds)
-        if not args.export_part:
-            return 0
+    if pretrain_script.part_done(result, cfg) and not args.export_part:
+        return 0
     if rank != 0:
         return 0
     metadata = {"recipe": dataclasses.asdict(cfg), "trained_on": args.folder or "mini world (base subjects)",

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -45,6 +44,8 @@ TASK_SETTINGS = tuple(TASK_DEFAULTS)
 
 
 def main(argv=None) -> int:
+    from harness import pretrain_script
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "models" / "promptnet" / "mini_world_promptnet.safetensors"))
     p.add_argument("--work-dir", default=str(ROOT / ".cache" / "mini_world" / "promptnet"),
@@ -52,32 +53,18 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="the frozen base model (a file Load Checkpoint reads, or a mini-family file; "
                                         "default: the shipped mini family)")
     p.add_argument("--clip-vision", help="the CLIP vision model of the references (default: the shipped mini one)")
-    p.add_argument("--folder", help="pre-train on a folder of subjects (core/pretrain_data.py layout) instead of the "
-                                    "mini world")
-    p.add_argument("--size", type=int, default=64, help="--folder images are resized to this")
-    p.add_argument("--stop-after", type=int, help="return after this many steps (a resumable part)")
-    p.add_argument("--export-part", action="store_true", help="after a part, also write the PromptNet as it is (the "
-                                                              "file's metadata says which step of how many)")
-    p.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a PretrainConfig field (core/pretrain.py), e.g. --set steps=3000, or the task's "
-                        "prompt (--set prompt=official)")
+    pretrain_script.add_common_arguments(
+        p, folder_help="pre-train on a folder of subjects (core/pretrain_data.py layout) instead of the mini world",
+        size_help="--folder images are resized to this",
+        export_help="after a part, also write the PromptNet as it is (the file's metadata says which step of how many)",
+        set_help="override a PretrainConfig field (core/pretrain.py), e.g. --set steps=3000, or the task's prompt "
+                 "(--set prompt=official)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    import torch
-    from harness import host as H
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world_size))
-    h = H.boot_scratch("promptnet_")
-    engine = h.pack("core.pretrain")
+    h, engine = pretrain_script.boot(args, "promptnet_")
     distributed = h.pack("core.distributed")
     pp = h.pack("methods.profusion_pretrain")
-    cfg = engine.PretrainConfig(**RECIPE)
-    if args.quick:
-        cfg = dataclasses.replace(cfg, steps=4, batch_size=4, checkpoint_every=2, validate_every=0, log_every=1,
-                                  warmup=0)
     task_settings = dict(TASK_DEFAULTS)
     engine_sets = []
     for item in args.set:
@@ -87,27 +74,18 @@ def main(argv=None) -> int:
         else:
             engine_sets.append(item)
     try:
-        cfg = H.replace_numeric(cfg, engine_sets)
+        cfg = pretrain_script.config(engine, RECIPE, {"steps": 4, "batch_size": 4}, args.quick, engine_sets)
     except ValueError as e:
         p.error(f"{e}, or a task setting: {', '.join(TASK_SETTINGS)}")
-    if os.environ.get("PERSONALIZE_DEVICE") == "auto":
-        import comfy.model_management as mm
-        cfg = dataclasses.replace(cfg, device=str(mm.get_torch_device()))
 
     validation = None if (args.quick or args.folder) else pp.WorldValidation()
     task = pp.PromptNetTask(args.checkpoint, args.clip_vision, **task_settings, seed=cfg.seed, validation=validation)
-    if args.folder:
-        source = h.pack("core.pretrain_data").FolderSource(args.folder, size=args.size, seed=cfg.seed)
-    else:
-        source = h.pack("miniworld.sources").WorldSource("views", seed=cfg.seed)
+    source = (pretrain_script.folder_source(h, args, cfg)
+              or h.pack("miniworld.sources").WorldSource("views", seed=cfg.seed))
     with distributed.process_group(cuda=cfg.device.startswith("cuda")) as (rank, _):
         result = engine.pretrain(task, source, cfg, args.work_dir, stop_after=args.stop_after)
-    if result.steps < cfg.steps:
-        per_step = result.seconds / max(1, result.steps - result.resumed_from)
-        logging.info("part done: step %d of %d (%.0f s, %.2f s a step); run the same command again to continue",
-                     result.steps, cfg.steps, result.seconds, per_step)
-        if not args.export_part:
-            return 0
+    if pretrain_script.part_done(result, cfg) and not args.export_part:
+        return 0
     if rank != 0:
         return 0
     out = Path(args.out)
