@@ -397,16 +397,6 @@ def run_size(M, stock, session_models, size, steps, inner, cfg, reps, rounds, lo
     return rows, info
 
 
-def per_size(spec: str, n: int) -> list[int]:
-    """"a" or "a,b,..." (one per latent size) -> n ints."""
-    vals = [int(p) for p in str(spec).split(",") if p]
-    if len(vals) == 1:
-        return vals * n
-    if len(vals) < n:
-        raise SystemExit(f"{spec!r}: give one value or one per latent size ({n})")
-    return vals[:n]
-
-
 def table(rows: list[Row]) -> str:
     head = ("workload", "latent", "ratio to CFG step [IQR]", "ms/step", "expected (analytic / parts)",
             "cond evals/step", "uncond evals/step")
@@ -472,8 +462,11 @@ def _run(args, work: Path, t_start: float, log) -> int:
         f"J = {args.inner_steps}, cfg {args.cfg}")
 
     sizes = [int(s) for s in args.latents.split(",") if s]
-    rounds = per_size(args.rounds, len(sizes))
-    steps = [2 if s < 32 else 1 for s in sizes] if args.steps == "auto" else per_size(args.steps, len(sizes))
+    rounds = measure.per_item(args.rounds, len(sizes), "latent size")
+    if args.steps == "auto":
+        steps = [2 if s < 32 else 1 for s in sizes]
+    else:
+        steps = measure.per_item(args.steps, len(sizes), "latent size")
     rows, infos = [], []
     for size, n_rounds, n_steps in zip(sizes, rounds, steps):
         log(f"{size}x{size} latent ({size * 8}x{size * 8} px), N = {n_steps} step(s), {n_rounds} round(s)")

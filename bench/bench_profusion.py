@@ -322,16 +322,6 @@ def scale_table(s: dict) -> str:
     return "\n".join(lines)
 
 
-def per_regime(spec: str, n: int) -> list[int]:
-    """"a" or "a,b,..." (one per regime) -> n ints."""
-    vals = [int(p) for p in str(spec).split(",") if p]
-    if len(vals) == 1:
-        return vals * n
-    if len(vals) < n:
-        raise SystemExit(f"{spec!r}: give one value or one per regime ({n})")
-    return vals[:n]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--host", default=os.environ.get("COMFYUI_PATH") or None,
@@ -363,7 +353,8 @@ def _run(args, work: Path, t_start: float, log) -> int:
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
     sizes = [int(s) for s in args.latents.split(",") if s] if "sd2" in regimes else []
     n_regimes = int("mini" in regimes) + len(sizes)
-    rounds, steps = per_regime(args.rounds, n_regimes), per_regime(args.steps, n_regimes)
+    rounds = measure.per_item(args.rounds, n_regimes, "regime")
+    steps = measure.per_item(args.steps, n_regimes, "regime")
     log(f"host {h.path} ({h.version}); torch {torch.__version__}, {args.threads} thread(s); N = {steps} "
         f"step(s), {rounds} round(s); regimes {', '.join(regimes)}")
     rows = []

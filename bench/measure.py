@@ -41,6 +41,16 @@ class Timing:
         return quantiles(self.ratios[other])
 
 
+def per_item(spec: str, n: int, what: str) -> list[int]:
+    """A ``--rounds``/``--steps`` option, ``"a"`` or ``"a,b,..."`` (one per ``what``: latent size, regime) -> n ints."""
+    vals = [int(p) for p in str(spec).split(",") if p]
+    if len(vals) == 1:
+        return vals * n
+    if len(vals) < n:
+        raise SystemExit(f"{spec!r}: give one value or one per {what} ({n})")
+    return vals[:n]
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
